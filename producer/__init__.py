@@ -1,0 +1,40 @@
+"""vllm-fleet, application side: enqueue generation and chat tasks on the fleet.
+
+    from producer import generate, chat
+    generate.delay("Write a haiku", model="tiny", max_tokens=64).get()
+
+Imports neither vLLM nor torch.
+"""
+
+from producer.celery_app import app
+from producer.errors import (
+    EngineFailed,
+    FleetError,
+    FleetUnavailable,
+    InvalidRequest,
+    NoEngine,
+    PromptTooLong,
+    RequestRejected,
+    UnknownModel,
+)
+from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
+from producer.tasks import chat, generate
+
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "Completion",
+    "EngineFailed",
+    "FleetError",
+    "FleetUnavailable",
+    "GenerateRequest",
+    "InvalidRequest",
+    "NoEngine",
+    "PromptTooLong",
+    "RequestRejected",
+    "Sampling",
+    "UnknownModel",
+    "app",
+    "chat",
+    "generate",
+]

@@ -1,0 +1,104 @@
+"""``fleet``: the project's command line (worker, flower, tiny model, demo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from producer import naming
+from producer.settings import get_settings
+
+cli = typer.Typer(help="vllm-fleet: share resident vLLM engines through Celery and Redis.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, loglevel: str,
+                host: str) -> list[str]:
+    """The ``celery worker`` command line of one engine."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--model", model, "--engine-id", engine_id, "--gpus", gpus,
+        "-n", f"{engine_id}@{host}",
+        # The engine's own queue only: the model queue is added once the engine is warm.
+        "-Q", naming.engine_queue(engine_id),
+        # The engine lives in this process (vLLM must not start inside a forked daemonic child);
+        # pool threads wait on it, one request each.
+        "-P", "threads", "-c", str(concurrency),
+        "-E", "--without-gossip", "-l", loglevel,
+    ]
+
+
+@cli.command()
+def worker(
+    model: Annotated[str, typer.Option(help="Model id to serve (see FLEET_MODELS / FLEET_CONFIG).")],
+    engine_id: Annotated[str | None, typer.Option(help="Engine id; default <model>-<host>.")] = None,
+    gpus: Annotated[str, typer.Option(help="GPU ids to pin to, e.g. 0,1 (empty: CPU).")] = "",
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    host: Annotated[str | None, typer.Option(help="Host part of the node name.")] = None,
+) -> None:
+    """Start a Celery worker holding one resident engine for MODEL."""
+    settings = get_settings()
+    settings.model(model)  # unknown model: fail here, with the list of known ones
+    host = host or socket.gethostname()
+    engine_id = engine_id or f"{model}-{host.split('.')[0]}"
+    naming.check_id(engine_id, what="--engine-id")
+    if gpus:
+        # Set before celery (and so torch) is imported in the new process image.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    argv = worker_argv(model, engine_id, gpus, concurrency or settings.worker_concurrency,
+                       loglevel, host)
+    os.execv(sys.executable, argv)
+
+
+def flower_argv(port: int | None, insecure: bool) -> list[str]:
+    """The ``celery flower`` command line, with basic auth from the settings."""
+    s = get_settings()
+    argv = [sys.executable, "-m", "celery", "-A", "producer", "flower",
+            f"--address={s.flower_address}", f"--port={port or s.flower_port}"]
+    if s.flower_user and s.flower_password:
+        argv.append(f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}")
+    elif not insecure:
+        raise typer.BadParameter(
+            "set FLEET_FLOWER_USER and FLEET_FLOWER_PASSWORD, or pass --insecure",
+            param_hint="credentials",
+        )
+    return argv
+
+
+@cli.command()
+def flower(
+    port: Annotated[int | None, typer.Option(help="Port (default FLEET_FLOWER_PORT).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Start without basic auth.")] = False,
+) -> None:
+    """Start Flower for the fleet on 127.0.0.1 behind basic auth."""
+    argv = flower_argv(port, insecure)
+    os.execv(sys.executable, argv)
+
+
+@cli.command("build-tiny-model")
+def build_tiny_model(
+    out: Annotated[Path | None, typer.Option(help="Target directory.")] = None,
+) -> None:
+    """Build the embedded tiny random-weight model (default: the cache folder)."""
+    from workers.tiny_model import ensure_tiny_model
+
+    path = ensure_tiny_model(out or get_settings().tiny_model_dir())
+    typer.echo(str(path))
+
+
+@cli.command()
+def demo() -> None:
+    """Start a private Redis, a worker and Flower, enqueue tasks from an app, stop everything."""
+    from producer.demo import run_demo
+
+    raise typer.Exit(run_demo())
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,47 @@
+"""Errors of the fleet, split by what the caller does next.
+
+    FleetError
+    ├── RequestRejected        fix the request; retrying it unchanged fails the same way
+    │   ├── InvalidRequest     a parameter is out of range, of the wrong type or unknown
+    │   ├── PromptTooLong      the prompt does not fit the model's context
+    │   └── UnknownModel       no such model in the fleet configuration
+    └── FleetUnavailable       try again later; the request itself is fine
+        ├── NoEngine           no engine serves the model right now
+        └── EngineFailed       the engine failed while serving the request
+
+Every class takes one message argument, so Celery can rebuild it from a JSON result.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base of every error raised by vllm-fleet."""
+
+
+class RequestRejected(FleetError, ValueError):
+    """The request can never succeed as it is."""
+
+
+class InvalidRequest(RequestRejected):
+    """A request parameter is invalid; the message names the field."""
+
+
+class PromptTooLong(RequestRejected):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class UnknownModel(RequestRejected):
+    """The model id is not in the fleet configuration."""
+
+
+class FleetUnavailable(FleetError):
+    """The fleet cannot serve the request now; retrying later may succeed."""
+
+
+class NoEngine(FleetUnavailable):
+    """No live engine serves the requested model."""
+
+
+class EngineFailed(FleetUnavailable):
+    """The engine failed while serving the request."""

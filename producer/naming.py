@@ -1,0 +1,50 @@
+"""Names shared by producers and workers: task names, queue names, node names.
+
+Queues (one Redis list each, named exactly like the queue):
+
+    fleet.model.<model_id>    generation and chat tasks for one model; every engine of that
+                              model consumes it, so engines of one model share the work
+    fleet.engine.<engine_id>  tasks and lifecycle requests for one engine only
+
+A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
+targets exactly one engine.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+GENERATE_TASK = "fleet.generate"
+CHAT_TASK = "fleet.chat"
+
+MODEL_QUEUE_PREFIX = "fleet.model."
+ENGINE_QUEUE_PREFIX = "fleet.engine."
+
+# Model and engine ids end up in Redis keys, queue names and node names: keep them plain.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def check_id(value: str, *, what: str) -> str:
+    """Return ``value`` if it is a valid model or engine id, else raise ValueError."""
+    if not _ID_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} must match {ID_PATTERN} (letters, digits, '.', '_', '-')"
+        )
+    return value
+
+
+def model_queue(model_id: str) -> str:
+    """Queue that carries the tasks of one model."""
+    return MODEL_QUEUE_PREFIX + check_id(model_id, what="model id")
+
+
+def engine_queue(engine_id: str) -> str:
+    """Queue that carries the tasks addressed to one engine."""
+    return ENGINE_QUEUE_PREFIX + check_id(engine_id, what="engine id")
+
+
+def node_name(engine_id: str, host: str | None = None) -> str:
+    """Celery node name of an engine's worker."""
+    return f"{check_id(engine_id, what='engine id')}@{host or socket.gethostname()}"

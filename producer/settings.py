@@ -1,0 +1,158 @@
+"""The one settings object of the fleet.
+
+Every knob comes from environment variables prefixed ``FLEET_`` and, for per-model engine
+settings, from a TOML fleet config file named by ``FLEET_CONFIG`` (environment wins over the
+file). Build it once at an entry point with :func:`get_settings` and pass it down.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from producer.errors import UnknownModel
+from producer.naming import check_id
+from producer.schema import Sampling
+
+TINY_MODEL_ID = "tiny"
+
+
+class ModelConfig(BaseModel):
+    """Engine settings of one model; names follow ``vllm.EngineArgs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    model: str
+    """Local directory or hub id of the weights (hub ids need the weights in the local cache)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to ``model``."""
+    engine: Literal["vllm", "fake"] = "vllm"
+    """``vllm``: the real engine. ``fake``: the deterministic stand-in, for queue benchmarks only."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Context length (prompt + output tokens); defaults to the model's own."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto, bfloat16, float16, float32."""
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    """GPUs one engine spans; defaults to the number of GPU ids the worker is pinned to."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Fraction of GPU memory (on CPU: of host memory) vLLM may take; vLLM's default if unset."""
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    """KV-cache size in bytes; overrides gpu_memory_utilization when set."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / compilation (always wise on CPU)."""
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    """Most requests the engine runs at once (its max batch size)."""
+    hf_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Overrides applied to the model's Hugging Face config (e.g. rope_scaling)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless you trust the model's source."""
+    seed: int = 0
+    """Engine seed, for requests that carry no seed of their own."""
+    max_tokens_cap: int = Field(default=4096, ge=1)
+    """Largest max_tokens a request may ask of this model."""
+    defaults: Sampling = Field(default_factory=Sampling)
+    """Sampling defaults of this model for the knobs a request leaves unset."""
+
+
+class FleetSettings(BaseSettings):
+    """All settings of producers, workers and Flower."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", extra="forbid", use_attribute_docstrings=True
+    )
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL of the broker (``redis://`` or ``rediss://``, with password if any)."""
+    result_backend: str | None = None
+    """Redis URL of the result backend; defaults to broker_url."""
+    result_expires: int = Field(default=86_400, ge=60)
+    """Seconds a result stays in the backend."""
+    visibility_timeout: int = Field(default=3_600, ge=10)
+    """Seconds before Redis hands an unacknowledged task to another worker; keep it above the
+    longest task."""
+    config: Path | None = None
+    """TOML fleet config file with a ``[models.<id>]`` table per model."""
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    """Engine settings per model id (from the config file, or JSON in FLEET_MODELS)."""
+    cache_dir: Path = Path.home() / ".cache" / "vllm-fleet"
+    """Where the embedded tiny model is built."""
+    worker_concurrency: int = Field(default=64, ge=1)
+    """Requests one worker holds in flight (threads of its pool)."""
+    flower_user: str | None = None
+    """Flower basic-auth user."""
+    flower_password: SecretStr | None = None
+    """Flower basic-auth password."""
+    flower_address: str = "127.0.0.1"
+    """Address Flower binds to."""
+    flower_port: int = 5555
+    """Port Flower listens on."""
+
+    @field_validator("models")
+    @classmethod
+    def _check_model_ids(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for model_id in models:
+            check_id(model_id, what="model id")
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("FLEET_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    def tiny_model_dir(self) -> Path:
+        return self.cache_dir / "models" / TINY_MODEL_ID
+
+    def all_models(self) -> dict[str, ModelConfig]:
+        """Configured models, plus the embedded tiny model unless ``tiny`` is configured."""
+        return {TINY_MODEL_ID: tiny_model_config(self.tiny_model_dir()), **self.models}
+
+    def model(self, model_id: str) -> ModelConfig:
+        try:
+            return self.all_models()[model_id]
+        except KeyError:
+            raise UnknownModel(
+                f"model {model_id!r} is not configured (known: {sorted(self.all_models())})"
+            ) from None
+
+
+def tiny_model_config(path: Path) -> ModelConfig:
+    """Engine settings of the embedded tiny random-weight model (CPU friendly)."""
+    return ModelConfig(
+        model=str(path),
+        max_model_len=512,
+        dtype="bfloat16",
+        enforce_eager=True,
+        kv_cache_memory_bytes=256 * 2**20,
+        max_num_seqs=256,
+        max_tokens_cap=512,
+    )
+
+
+@functools.cache
+def get_settings() -> FleetSettings:
+    """The process-wide settings, read once from the environment and the config file."""
+    return FleetSettings()

@@ -1,0 +1,74 @@
+"""Task signatures for ``.delay()``: validated and routed by model before anything is enqueued.
+
+The bodies run only inside a fleet worker, which registers its own implementation under the same
+task names (see ``workers.tasks``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.result import AsyncResult
+
+from producer import naming
+from producer.celery_app import app
+from producer.errors import InvalidRequest
+from producer.schema import ChatRequest, GenerateRequest, Sampling, parse, to_wire
+
+
+class ModelTask(Task):  # type: ignore[misc]
+    """A task for one model: the call is validated, then sent to ``fleet.model.<model>``."""
+
+    schema: ClassVar[type[Sampling]]
+    #: Names of the positional arguments, in order (the rest are keyword-only).
+    positional: ClassVar[tuple[str, ...]]
+    typing = False  # the schema checks the signature, with clearer errors
+
+    def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The validated request of a call, or InvalidRequest naming the field."""
+        if len(args) > len(self.positional):
+            raise InvalidRequest(
+                f"{self.name} takes {len(self.positional)} positional argument(s) "
+                f"({', '.join(self.positional)}); pass the rest by keyword"
+            )
+        data = dict(zip(self.positional, args, strict=False))
+        for key in data.keys() & kwargs.keys():
+            raise InvalidRequest(f"{key}: given both positionally and by keyword")
+        return parse(self.schema, {**data, **kwargs})
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        return self.send(self.validate(tuple(args or ()), dict(kwargs or {})), **options)
+
+    def send(self, request: Any, **options: Any) -> AsyncResult:
+        """Enqueue an already validated request on its model's queue."""
+        options.setdefault("queue", naming.model_queue(request.model))
+        return super().apply_async((), to_wire(request), **options)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.name} runs only inside a fleet worker (fleet worker ...)")
+
+
+class GenerateTask(ModelTask):
+    """``generate.delay(prompt, model=..., **sampling)``: complete a prompt."""
+
+    name = naming.GENERATE_TASK
+    schema = GenerateRequest
+    positional = ("prompt",)
+
+
+class ChatTask(ModelTask):
+    """``chat.delay(messages, model=..., **sampling)``: answer a conversation."""
+
+    name = naming.CHAT_TASK
+    schema = ChatRequest
+    positional = ("messages",)
+
+
+generate: GenerateTask = app.register_task(GenerateTask())
+chat: ChatTask = app.register_task(ChatTask())

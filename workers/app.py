@@ -1,0 +1,28 @@
+"""The Celery app as a fleet worker loads it: ``celery -A workers.app worker --model ...``.
+
+Adds to the shared app the worker's command-line options, the engine bootstep and the task
+bodies that run on the engine. ``fleet worker`` builds this command line for you.
+"""
+
+from __future__ import annotations
+
+from click import Option
+
+from producer.celery_app import app
+from workers.bootstep import EngineStep
+from workers.tasks import ServeChat, ServeGenerate
+
+app.user_options["worker"].add(
+    Option(["--model"], default=None, help="Model id this worker's engine serves.")
+)
+app.user_options["worker"].add(
+    Option(["--engine-id"], default=None, help="Engine id (default: the node name's left part).")
+)
+app.user_options["worker"].add(
+    Option(["--gpus"], default=None, help="GPU ids to pin the engine to, e.g. 0,1.")
+)
+app.steps["worker"].add(EngineStep)
+app.register_task(ServeGenerate())
+app.register_task(ServeChat())
+
+__all__ = ["app"]

@@ -1,0 +1,91 @@
+"""The worker bootstep that loads the engine and subscribes to the model queue once warm.
+
+The worker starts consuming only its engine's own queue. A loader thread builds the engine and
+answers a warmup request; only then does the worker add ``fleet.model.<model>`` (through Celery's
+own ``add_consumer`` control command, which runs on the consumer's thread), so no task ever
+waits on a loading engine. The engine is closed on ``worker_shutdown``, which Celery sends after
+the pool has finished the tasks in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from celery import bootsteps, signals
+
+from producer import naming
+from producer.settings import get_settings
+from workers import runtime as runtime_mod
+from workers.pinning import parse_gpus, pin_gpus
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class EngineStep(bootsteps.StartStopStep):
+    """Holds the worker's engine for the worker's whole life."""
+
+    label = "Engine"
+
+    def __init__(
+        self,
+        worker: Any,
+        model: str | None = None,
+        engine_id: str | None = None,
+        gpus: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(worker, **kwargs)
+        self.enabled = model is not None
+        self.runtime: Runtime | None = None
+        self.failed = False
+        self._consumer_ready = threading.Event()
+        if not self.enabled or model is None:
+            return
+        gpu_ids = parse_gpus(gpus)
+        pin_gpus(gpu_ids)  # before the engine (and so torch) is even imported
+        settings = get_settings()
+        self.runtime = Runtime(
+            model_id=naming.check_id(model, what="--model"),
+            engine_id=engine_id or worker.hostname.split("@", 1)[0],
+            config=settings.model(model),
+            gpus=gpu_ids,
+        )
+        runtime_mod.install(self.runtime)
+        signals.worker_ready.connect(self._on_consumer_ready, weak=False)
+        signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+
+    def start(self, worker: Any) -> None:
+        loader = threading.Thread(
+            target=self._load, args=(worker.app, worker.hostname), name="engine-loader",
+            daemon=True,
+        )
+        loader.start()
+
+    def _load(self, app: Any, hostname: str) -> None:
+        assert self.runtime is not None
+        try:
+            self.runtime.load()
+        except BaseException:
+            log.critical("engine %s failed to load; stopping the worker", hostname, exc_info=True)
+            self.failed = True
+            self.runtime.state = "failed"
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self._consumer_ready.wait()
+        queue = naming.model_queue(self.runtime.model_id)
+        app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=30)
+        log.info("%s consuming %s", hostname, queue)
+
+    def _on_consumer_ready(self, **_: Any) -> None:
+        self._consumer_ready.set()
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+        if self.failed and sender is not None:
+            sender.exitcode = 1

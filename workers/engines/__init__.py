@@ -1,0 +1,19 @@
+"""Engines a worker can hold: ``vllm`` (the real one) and ``fake`` (queue benchmarks, unit tests)."""
+
+from __future__ import annotations
+
+from producer.settings import ModelConfig
+from workers.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
+
+__all__ = ["Engine", "EngineOutput", "EngineRequest", "EngineStats", "build_engine"]
+
+
+def build_engine(model_id: str, config: ModelConfig, *, tensor_parallel_size: int) -> Engine:
+    """The engine named by the model's config (not started yet)."""
+    if config.engine == "fake":
+        from workers.engines.fake import FakeEngine
+
+        return FakeEngine(config.max_model_len or 4096)
+    from workers.engines.vllm import VLLMEngine
+
+    return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size)

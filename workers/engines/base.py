@@ -1,0 +1,58 @@
+"""The engine plug point: what a worker needs from whatever generates the text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One request as an engine sees it: validated, with the model's defaults applied."""
+
+    request_id: str
+    sampling: dict[str, Any]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """What an engine returns for one finished request."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters an engine keeps about itself."""
+
+    running: int = 0
+    max_running: int = 0
+    requests_served: int = 0
+    tokens_generated: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A resident engine. Batch first: a single request is a batch of one."""
+
+    def start(self) -> None:
+        """Load the engine; return when it can serve, raise if it cannot."""
+
+    def submit(self, requests: Sequence[EngineRequest]) -> list[Future[EngineOutput]]:
+        """Hand requests to the engine; each future ends with its output or its own error."""
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop generating for these requests; their futures end with finish_reason abort."""
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters."""
+
+    def close(self) -> None:
+        """Finish what runs, free the engine's memory and processes."""

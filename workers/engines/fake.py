@@ -1,0 +1,57 @@
+"""A deterministic stand-in engine with zero generation cost.
+
+For unit tests and for measuring pure queue overhead only: it never stands in for the real
+engine in a test that claims the fleet works. Its "text" is the prompt's words echoed back,
+so results are checkable; one word is one token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+from workers.engines.base import EngineOutput, EngineRequest, EngineStats
+
+
+class FakeEngine:
+    """Answers every request at once, echoing its prompt."""
+
+    def __init__(self, max_model_len: int = 4096) -> None:
+        self.max_model_len = max_model_len
+        self._stats = EngineStats()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, requests: Sequence[EngineRequest]) -> list[Future[EngineOutput]]:
+        futures = []
+        for request in requests:
+            future: Future[EngineOutput] = Future()
+            future.set_result(self._answer(request))
+            futures.append(future)
+        with self._lock:
+            self._stats.max_running = max(self._stats.max_running, len(requests))
+            self._stats.requests_served += len(requests)
+        return futures
+
+    def _answer(self, request: EngineRequest) -> EngineOutput:
+        if request.messages is not None:
+            words = " ".join(m["content"] for m in request.messages).split()
+        else:
+            words = (request.prompt or "").split()
+        max_tokens = int(request.sampling.get("max_tokens") or 16)
+        out = (words or ["empty"]) * (max_tokens // max(len(words), 1) + 1)
+        text = " ".join(out[:max_tokens])
+        return EngineOutput(text, "length", len(words), max_tokens)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(**{k: getattr(self._stats, k) for k in EngineStats.__slots__})
+
+    def close(self) -> None:
+        pass

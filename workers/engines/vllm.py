@@ -1,0 +1,259 @@
+"""The real engine: one resident ``vllm`` LLMEngine driven by a thread of its own.
+
+All vLLM calls happen on that one thread. Task threads hand requests over through an inbox; the
+thread adds them to the engine between steps, so a request that arrives while others generate
+joins the running batch at the next step (vLLM's continuous batching). Each request is tokenized
+and checked on its own before it joins: a bad one fails its own future, never the batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from producer.errors import EngineFailed, FleetError, InvalidRequest, PromptTooLong
+from producer.settings import ModelConfig
+from workers.engines.base import EngineOutput, EngineRequest, EngineStats
+
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+)
+
+
+class VLLMEngine:
+    """A vLLM engine with continuous batching across callers."""
+
+    def __init__(self, model_id: str, config: ModelConfig, *, tensor_parallel_size: int) -> None:
+        self.model_id = model_id
+        self.config = config
+        self.tensor_parallel_size = tensor_parallel_size
+        self.max_model_len = 0
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[EngineRequest, Future[EngineOutput]]] = []
+        self._aborts: list[str] = []
+        self._closing = False
+        self._dead: BaseException | None = None
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stats = EngineStats()
+        self._engine: Any = None
+        self._tokenizer: Any = None
+
+    # --- the caller's side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name=f"vllm-{self.model_id}")
+        self._thread.start()
+        self._loaded.wait()
+        if self._dead is not None:
+            raise EngineFailed(f"engine for {self.model_id!r} failed to load: {self._dead}")
+
+    def submit(self, requests: Sequence[EngineRequest]) -> list[Future[EngineOutput]]:
+        futures: list[Future[EngineOutput]] = [Future() for _ in requests]
+        with self._cond:
+            if self._dead is not None or self._closing:
+                reason = self._dead or "engine is closing"
+                for future in futures:
+                    future.set_exception(EngineFailed(f"engine unavailable: {reason}"))
+                return futures
+            self._inbox.extend(zip(requests, futures, strict=True))
+            self._cond.notify()
+        return futures
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        with self._cond:
+            self._aborts.extend(request_ids)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            s = self._stats
+            return EngineStats(s.running, s.max_running, s.requests_served, s.tokens_generated)
+
+    @property
+    def alive(self) -> bool:
+        return self._loaded.is_set() and self._dead is None and not self._closing
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._engine = self._build()
+            self._tokenizer = self._engine.get_tokenizer()
+            self.max_model_len = self._engine.model_config.max_model_len
+        except BaseException as e:
+            log.exception("engine for %s failed to load", self.model_id)
+            self._dead = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            self._serve()
+        except BaseException as e:
+            log.exception("engine for %s died", self.model_id)
+            self._dead = e
+        finally:
+            self._shutdown()
+
+    def _build(self) -> Any:
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        c = self.config
+        args = EngineArgs(
+            model=c.model,
+            tokenizer=c.tokenizer,
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=c.enforce_eager,
+            hf_overrides=c.hf_overrides or None,
+            trust_remote_code=c.trust_remote_code,
+            seed=c.seed,
+            disable_log_stats=True,
+            **{
+                k: v
+                for k, v in {
+                    "gpu_memory_utilization": c.gpu_memory_utilization,
+                    "kv_cache_memory_bytes": c.kv_cache_memory_bytes,
+                    "max_num_seqs": c.max_num_seqs,
+                }.items()
+                if v is not None
+            },
+        )
+        return LLMEngine.from_engine_args(args)
+
+    def _serve(self) -> None:
+        pending: dict[str, tuple[list[Future[EngineOutput]], int]] = {}
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborts or pending or self._closing):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                closing = self._closing
+            for request, future in inbox:
+                self._add(request, future, pending)
+            if aborts:
+                self._abort(aborts, pending)
+            if not pending:
+                if closing:
+                    return
+                continue
+            running = len(pending)
+            outputs = self._engine.step()
+            finished = [out for out in outputs if out.finished]
+            with self._cond:
+                self._stats.running = running
+                self._stats.max_running = max(self._stats.max_running, running)
+                self._stats.requests_served += len(finished)
+                self._stats.tokens_generated += sum(len(o.outputs[0].token_ids) for o in finished)
+            for out in finished:
+                futures, prompt_tokens = pending.pop(out.request_id)
+                completion = out.outputs[0]
+                result = EngineOutput(
+                    text=completion.text,
+                    finish_reason=completion.finish_reason or "stop",
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=len(completion.token_ids),
+                )
+                for future in futures:
+                    future.set_result(result)
+
+    def _add(
+        self,
+        request: EngineRequest,
+        future: Future[EngineOutput],
+        pending: dict[str, tuple[list[Future[EngineOutput]], int]],
+    ) -> None:
+        if request.request_id in pending:  # a redelivered copy of a request still running
+            pending[request.request_id][0].append(future)
+            return
+        try:
+            ids = self._tokenize(request)
+            params = self._sampling_params(request.sampling, len(ids))
+            self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params)
+        except FleetError as e:
+            future.set_exception(e)
+        except Exception as e:  # vLLM's own validation of this one request
+            future.set_exception(InvalidRequest(f"{type(e).__name__}: {e}"))
+        else:
+            pending[request.request_id] = ([future], len(ids))
+
+    def _tokenize(self, request: EngineRequest) -> list[int]:
+        tok = self._tokenizer
+        if request.messages is not None:
+            text = tok.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=False
+            )
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(request.prompt or "")
+        if not ids:
+            raise InvalidRequest("prompt: empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"prompt: {len(ids)} tokens, but model {self.model_id!r} takes at most "
+                f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})"
+            )
+        return list(ids)
+
+    def _sampling_params(self, sampling: dict[str, Any], prompt_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        knobs = {k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None}
+        # Generation stops at the context's end anyway; saying so keeps finish_reason honest.
+        room = self.max_model_len - prompt_tokens
+        knobs["max_tokens"] = min(int(knobs.get("max_tokens", 16)), room)
+        return SamplingParams(**knobs, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _abort(
+        self, request_ids: list[str], pending: dict[str, tuple[list[Future[EngineOutput]], int]]
+    ) -> None:
+        ids = [i for i in request_ids if i in pending]
+        if not ids:
+            return
+        self._engine.abort_request(ids)
+        for request_id in ids:
+            futures, prompt_tokens = pending.pop(request_id)
+            for future in futures:
+                future.set_result(EngineOutput("", "abort", prompt_tokens, 0))
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._closing = True
+            leftovers, self._inbox = self._inbox, []
+        for _, future in leftovers:
+            future.set_exception(EngineFailed("engine stopped before serving the request"))
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.engine_core.shutdown()
+            except Exception:
+                log.exception("engine core shutdown failed")
+        del engine
+        gc.collect()
+        self._stats.extra["closed_at"] = time.time()
