@@ -88,6 +88,9 @@ class FleetSettings(BaseSettings):
     """Where the embedded tiny model is built."""
     worker_concurrency: int = Field(default=64, ge=1)
     """Requests one worker holds in flight (threads of its pool)."""
+    engine_multiprocessing: bool = False
+    """Run vLLM's engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING). Off: the
+    engine lives in the worker process, so it cannot outlive it."""
     flower_user: str | None = None
     """Flower basic-auth user."""
     flower_password: SecretStr | None = None

@@ -6,9 +6,13 @@ bodies that run on the engine. ``fleet worker`` builds this command line for you
 
 from __future__ import annotations
 
+import warnings
+
+from celery.exceptions import CeleryWarning
 from click import Option
 
 from producer.celery_app import app
+from workers import control  # noqa: F401 - registers the inspect commands
 from workers.bootstep import EngineStep
 from workers.tasks import ServeChat, ServeGenerate
 
@@ -22,7 +26,10 @@ app.user_options["worker"].add(
     Option(["--gpus"], default=None, help="GPU ids to pin the engine to, e.g. 0,1.")
 )
 app.steps["worker"].add(EngineStep)
-app.register_task(ServeGenerate())
-app.register_task(ServeChat())
+with warnings.catch_warnings():
+    # Replacing the producer's send-only tasks with the bodies that run here is the point.
+    warnings.simplefilter("ignore", CeleryWarning)
+    app.register_task(ServeGenerate())
+    app.register_task(ServeChat())
 
 __all__ = ["app"]

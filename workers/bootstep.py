@@ -20,6 +20,7 @@ from celery import bootsteps, signals
 from producer import naming
 from producer.settings import get_settings
 from workers import runtime as runtime_mod
+from workers.cpu import request_amx
 from workers.pinning import parse_gpus, pin_gpus
 from workers.runtime import Runtime
 
@@ -48,7 +49,10 @@ class EngineStep(bootsteps.StartStopStep):
             return
         gpu_ids = parse_gpus(gpus)
         pin_gpus(gpu_ids)  # before the engine (and so torch) is even imported
+        request_amx()
         settings = get_settings()
+        # vLLM reads this when it is first imported, which happens later, on the loader thread.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_multiprocessing else "0"
         self.runtime = Runtime(
             model_id=naming.check_id(model, what="--model"),
             engine_id=engine_id or worker.hostname.split("@", 1)[0],

@@ -7,6 +7,7 @@ looked up by the task bodies with :func:`current`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -95,6 +96,23 @@ class Runtime:
             )
         return sampling
 
+    def describe(self) -> dict[str, Any]:
+        """What this engine is and does, for ``celery inspect engine`` and Flower."""
+        stats = self.engine.stats()
+        return {
+            "engine_id": self.engine_id,
+            "model": self.model_id,
+            "engine": self.config.engine,
+            "state": self.state,
+            "gpus": self.gpus,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "running": stats.running,
+            "max_running": stats.max_running,
+            "requests_served": stats.requests_served,
+            "tokens_generated": stats.tokens_generated,
+        }
+
     def close(self) -> None:
         self.state = "stopped"
         self.engine.close()
@@ -107,6 +125,10 @@ def install(runtime: Runtime | None) -> None:
     """Make ``runtime`` the one the task bodies of this process use."""
     global _current
     _current = runtime
+
+
+def current_or_none() -> Runtime | None:
+    return _current
 
 
 def current() -> Runtime:

@@ -53,6 +53,8 @@ class VLLMEngine:
         self._stats = EngineStats()
         self._engine: Any = None
         self._tokenizer: Any = None
+        # Requests inside the engine, by request id: their futures and prompt length.
+        self._pending: dict[str, tuple[list[Future[EngineOutput]], int]] = {}
 
     # --- the caller's side -------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class VLLMEngine:
             max_model_len=c.max_model_len,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=c.enforce_eager,
-            hf_overrides=c.hf_overrides or None,
+            hf_overrides=dict(c.hf_overrides),
             trust_remote_code=c.trust_remote_code,
             seed=c.seed,
             disable_log_stats=True,
@@ -146,7 +148,7 @@ class VLLMEngine:
         return LLMEngine.from_engine_args(args)
 
     def _serve(self) -> None:
-        pending: dict[str, tuple[list[Future[EngineOutput]], int]] = {}
+        pending = self._pending
         while True:
             with self._cond:
                 while not (self._inbox or self._aborts or pending or self._closing):
@@ -246,8 +248,13 @@ class VLLMEngine:
         with self._cond:
             self._closing = True
             leftovers, self._inbox = self._inbox, []
+        reason = f"engine died: {self._dead!r}" if self._dead else "engine stopped"
         for _, future in leftovers:
-            future.set_exception(EngineFailed("engine stopped before serving the request"))
+            future.set_exception(EngineFailed(f"{reason} before serving the request"))
+        for futures, _ in self._pending.values():
+            for future in futures:
+                future.set_exception(EngineFailed(f"{reason} while serving the request"))
+        self._pending.clear()
         engine, self._engine = self._engine, None
         if engine is not None:
             try:

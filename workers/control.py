@@ -1,0 +1,16 @@
+"""Remote-control commands of a fleet worker (``celery -A producer inspect engine``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+from workers import runtime
+
+
+@inspect_command()
+def engine(state: Any) -> dict[str, Any] | None:
+    """The engine this worker holds: model, state, GPUs and counters (None if no engine)."""
+    current = runtime.current_or_none()
+    return current.describe() if current is not None else None
