@@ -102,3 +102,7 @@ def demo() -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

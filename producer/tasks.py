@@ -1,11 +1,13 @@
 """Task signatures for ``.delay()``: validated and routed by model before anything is enqueued.
 
-The bodies run only inside a fleet worker, which registers its own implementation under the same
-task names (see ``workers.tasks``).
+The bodies run only inside a fleet worker: its engine bootstep installs the executor that hands
+the request to the engine (:func:`install_executor`). Tasks are declared lazily, so importing this
+module reads no settings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from celery import Task
@@ -50,14 +52,15 @@ class ModelTask(Task):  # type: ignore[misc]
         options.setdefault("queue", naming.model_queue(request.model))
         return super().apply_async((), to_wire(request), **options)
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{self.name} runs only inside a fleet worker (fleet worker ...)")
+    def execute(self, kwargs: dict[str, Any]) -> Any:
+        if _executor is None:
+            raise RuntimeError(f"{self.name} runs only inside a fleet worker (fleet worker ...)")
+        return _executor(self, kwargs)
 
 
 class GenerateTask(ModelTask):
     """``generate.delay(prompt, model=..., **sampling)``: complete a prompt."""
 
-    name = naming.GENERATE_TASK
     schema = GenerateRequest
     positional = ("prompt",)
 
@@ -65,10 +68,27 @@ class GenerateTask(ModelTask):
 class ChatTask(ModelTask):
     """``chat.delay(messages, model=..., **sampling)``: answer a conversation."""
 
-    name = naming.CHAT_TASK
     schema = ChatRequest
     positional = ("messages",)
 
 
-generate: GenerateTask = app.register_task(GenerateTask())
-chat: ChatTask = app.register_task(ChatTask())
+Executor = Callable[[ModelTask, dict[str, Any]], Any]
+_executor: Executor | None = None
+
+
+def install_executor(executor: Executor | None) -> None:
+    """Make this process run the fleet's task bodies with ``executor`` (workers only)."""
+    global _executor
+    _executor = executor
+
+
+@app.task(base=GenerateTask, bind=True, name=naming.GENERATE_TASK)
+def generate(self: GenerateTask, **kwargs: Any) -> Any:
+    """Complete a prompt on the model's engine."""
+    return self.execute(kwargs)
+
+
+@app.task(base=ChatTask, bind=True, name=naming.CHAT_TASK)
+def chat(self: ChatTask, **kwargs: Any) -> Any:
+    """Answer a conversation on the model's engine."""
+    return self.execute(kwargs)

@@ -1,20 +1,16 @@
 """The Celery app as a fleet worker loads it: ``celery -A workers.app worker --model ...``.
 
-Adds to the shared app the worker's command-line options, the engine bootstep and the task
-bodies that run on the engine. ``fleet worker`` builds this command line for you.
+Adds to the shared app the worker's command-line options, the engine bootstep (which installs
+the task executor) and the remote-control commands. ``fleet worker`` builds this command line.
 """
 
 from __future__ import annotations
 
-import warnings
-
-from celery.exceptions import CeleryWarning
 from click import Option
 
 from producer.celery_app import app
 from workers import control  # noqa: F401 - registers the inspect commands
 from workers.bootstep import EngineStep
-from workers.tasks import ServeChat, ServeGenerate
 
 app.user_options["worker"].add(
     Option(["--model"], default=None, help="Model id this worker's engine serves.")
@@ -26,10 +22,5 @@ app.user_options["worker"].add(
     Option(["--gpus"], default=None, help="GPU ids to pin the engine to, e.g. 0,1.")
 )
 app.steps["worker"].add(EngineStep)
-with warnings.catch_warnings():
-    # Replacing the producer's send-only tasks with the bodies that run here is the point.
-    warnings.simplefilter("ignore", CeleryWarning)
-    app.register_task(ServeGenerate())
-    app.register_task(ServeChat())
 
 __all__ = ["app"]

@@ -18,11 +18,12 @@ from typing import Any
 from celery import bootsteps, signals
 
 from producer import naming
-from producer.settings import get_settings
+from producer.settings import TINY_MODEL_ID, get_settings
 from workers import runtime as runtime_mod
 from workers.cpu import request_amx
 from workers.pinning import parse_gpus, pin_gpus
 from workers.runtime import Runtime
+from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,13 @@ class EngineStep(bootsteps.StartStopStep):
         settings = get_settings()
         # vLLM reads this when it is first imported, which happens later, on the loader thread.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_multiprocessing else "0"
+        config = settings.model(model)
+        if model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
+            ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
         self.runtime = Runtime(
             model_id=naming.check_id(model, what="--model"),
             engine_id=engine_id or worker.hostname.split("@", 1)[0],
-            config=settings.model(model),
+            config=config,
             gpus=gpu_ids,
         )
         runtime_mod.install(self.runtime)

@@ -15,6 +15,7 @@ from typing import Any
 from producer.errors import InvalidRequest, NoEngine, UnknownModel
 from producer.schema import ChatRequest, Completion, GenerateRequest, Sampling, parse
 from producer.settings import ModelConfig
+from producer.tasks import install_executor
 from workers.engines import Engine, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,12 @@ def install(runtime: Runtime | None) -> None:
     """Make ``runtime`` the one the task bodies of this process use."""
     global _current
     _current = runtime
+    install_executor(execute if runtime is not None else None)
+
+
+def execute(task: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The body of every fleet task in a worker: serve it on this process's engine."""
+    return current().handle(task.schema, task.request.id, kwargs)
 
 
 def current_or_none() -> Runtime | None:

@@ -1,0 +1,118 @@
+"""Session fixtures: a private Redis, the tiny model, a fleet config, real fleet workers.
+
+Each session starts its own redis-server on a free loopback port (with a password) and never
+touches another Redis. Engines start a few times per session, not per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Fleet, WorkerProc, project_env
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+EXTRA_MODELS = """
+[models.tiny-b]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+max_num_seqs = 256
+
+[models.tiny-b.defaults]
+max_tokens = 5
+
+[models.tiny-late]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+"""
+
+
+def _require(what: str, ok: bool) -> None:
+    if not ok:
+        if CI:
+            pytest.fail(f"{what} is required in CI")
+        pytest.skip(f"{what} is not available here")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    from producer.localredis import LocalRedis
+
+    _require("redis-server", shutil.which("redis-server") is not None)
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fleet_env(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of this session's producers and workers (also applied to this process)."""
+    from producer.settings import get_settings
+    from workers.tiny_model import ensure_tiny_model
+
+    root = tmp_path_factory.mktemp("fleet")
+    cache = root / "cache"
+    tiny = ensure_tiny_model(cache / "models" / "tiny")
+    config = root / "fleet.toml"
+    config.write_text(EXTRA_MODELS.format(tiny=tiny))
+    values = {
+        "FLEET_BROKER_URL": redis_server.url,
+        "FLEET_CACHE_DIR": str(cache),
+        "FLEET_CONFIG": str(config),
+        "FLEET_WORKER_CONCURRENCY": "64",
+    }
+    os.environ.update(values)
+    get_settings.cache_clear()
+    return project_env(**values)
+
+
+@pytest.fixture(scope="session")
+def app(fleet_env: dict[str, str]) -> Any:
+    from producer import app as celery_app
+    from producer.celery_app import celery_config
+    from producer.settings import get_settings
+
+    # Collection may already have touched the app's (lazy) config: point it at this session.
+    celery_app.conf.update(celery_config(get_settings()))
+    assert celery_app.conf.broker_url == fleet_env["FLEET_BROKER_URL"]
+    return celery_app
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server: Any) -> Any:
+    import redis
+
+    return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(fleet_env: dict[str, str]) -> Path:
+    return Path(fleet_env["FLEET_CACHE_DIR"]) / "models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    pytest.importorskip("vllm") if not CI else None
+    f = Fleet(fleet_env, tmp_path_factory.mktemp("logs"))
+    yield f
+    f.stop_all()
+
+
+@pytest.fixture(scope="session")
+def workers_ab(fleet: Fleet, app: Any) -> tuple[WorkerProc, WorkerProc]:
+    """Engine a1 serving `tiny` and engine b1 serving `tiny-b` (pinned to GPU id 0)."""
+    a = fleet.start("tiny", "a1")
+    b = fleet.start("tiny-b", "b1", "--gpus", "0")
+    fleet.wait_ready(app, a, b)
+    return a, b

@@ -1,0 +1,110 @@
+"""Real processes for the tests: private Redis, fleet workers started with `fleet worker`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HOST = "test"
+READY_TIMEOUT_S = 240.0
+
+
+@dataclass
+class WorkerProc:
+    """One `fleet worker` process and what the tests need to know about it."""
+
+    model: str
+    engine_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    descendants: list[int] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"{self.engine_id}@{HOST}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tree(self) -> list[psutil.Process]:
+        """This worker and every process below it."""
+        try:
+            proc = psutil.Process(self.process.pid)
+            return [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+class Fleet:
+    """Starts and stops real workers against the session's Redis."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.workers: list[WorkerProc] = []
+
+    def start(self, model: str, engine_id: str, *extra: str) -> WorkerProc:
+        log_path = self.logdir / f"worker-{engine_id}.log"
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--model", model,
+                "--engine-id", engine_id, "--host", HOST, "--loglevel", "INFO", *extra]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        worker = WorkerProc(model, engine_id, process, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, app: Any, *workers: WorkerProc, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until each worker's engine is warm and it consumes its model queue."""
+        deadline = time.monotonic() + timeout
+        waiting = {w.node: w for w in workers}
+        while waiting:
+            for w in waiting.values():
+                if w.process.poll() is not None:
+                    raise RuntimeError(f"{w.node} exited {w.process.returncode}:\n{w.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready: {sorted(waiting)}")
+            queues = app.control.inspect(destination=list(waiting), timeout=1.0).active_queues()
+            for node, qs in (queues or {}).items():
+                if f"fleet.model.{waiting[node].model}" in {q["name"] for q in qs}:
+                    waiting[node].descendants = [p.pid for p in waiting[node].tree()[1:]]
+                    del waiting[node]
+            time.sleep(0.5)
+
+    def stop(self, worker: WorkerProc, timeout: float = 60.0) -> int:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+            try:
+                worker.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        return worker.process.returncode
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            for proc in worker.tree()[1:]:
+                proc.kill()
+            self.stop(worker)
+
+
+def engine_info(app: Any, node: str) -> dict[str, Any]:
+    """The worker's answer to `celery inspect engine`."""
+    replies = app.control.broadcast("engine", destination=[node], reply=True, timeout=2.0)
+    for reply in replies:
+        if node in reply:
+            return dict(reply[node])
+    raise LookupError(f"{node} did not answer")
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(extra)
+    return env
