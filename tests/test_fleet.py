@@ -1,0 +1,195 @@
+"""The fleet end to end: real Redis, real `fleet worker` processes, the real vLLM CPU engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from producer import PromptTooLong, chat, generate
+from producer.client import chat_batch, generate_batch
+from producer.client import generate as generate_blocking
+from tests.harness import Fleet, WorkerProc, engine_info
+
+pytestmark = pytest.mark.engine
+
+TIMEOUT = 120
+
+
+class _Tokenizer:
+    """The model's tokenizer as Hugging Face loads it (which is what vLLM uses)."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(path))
+
+    def count(self, text: str) -> int:
+        return len(self.hf.encode(text, add_special_tokens=False))
+
+
+def _tokenizer(tiny_dir: Path) -> _Tokenizer:
+    return _Tokenizer(tiny_dir)
+
+
+def _run_app(code: str, env: dict[str, str]) -> Any:
+    """Run an application in its own process; it prints one JSON document."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT + 30)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_delay_from_a_separate_process(
+    workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: dict[str, str], tiny_dir: Path
+) -> None:
+    code = (
+        "import json\n"
+        "from producer import generate, chat\n"
+        "g = generate.delay('Write a haiku', model='tiny', temperature=0.3, max_tokens=12)\n"
+        "c = chat.delay([{'role': 'user', 'content': 'hi'}], model='tiny', max_tokens=7)\n"
+        f"print(json.dumps([g.get(timeout={TIMEOUT}), c.get(timeout={TIMEOUT})]))\n"
+    )
+    gen, cht = _run_app(code, fleet_env)
+    tok = _tokenizer(tiny_dir)
+    for result, max_tokens in ((gen, 12), (cht, 7)):
+        assert set(result) >= {"text", "prompt_tokens", "completion_tokens", "total_tokens",
+                               "finish_reason", "model", "engine_id"}
+        assert result["model"] == "tiny" and result["engine_id"] == "a1"
+        assert result["finish_reason"] in ("stop", "length")
+        if result["finish_reason"] == "length":
+            assert result["completion_tokens"] == max_tokens
+        assert result["total_tokens"] == result["prompt_tokens"] + result["completion_tokens"]
+    assert gen["prompt_tokens"] == tok.count("Write a haiku")
+    rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert cht["prompt_tokens"] == tok.count(rendered)
+
+
+def test_200_requests_batch_in_order_and_engine_batches(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any, tiny_dir: Path
+) -> None:
+    a, _ = workers_ab
+    tok = _tokenizer(tiny_dir)
+    prompts = [" ".join(["word"] * (i % 40 + 1)) + f" {i}" for i in range(200)]
+    results = generate_batch(prompts, model="tiny", max_tokens=16, temperature=0.0,
+                             timeout=TIMEOUT)
+    assert len(results) == 200
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.prompt_tokens == tok.count(prompt)  # in input order
+        assert result.engine_id == "a1"
+    assert engine_info(app, a.node)["max_running"] > 1
+
+
+def test_temperature_zero_and_seed_are_deterministic(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    greedy = [generate_blocking("The same prompt", model="tiny", temperature=0.0,
+                                max_tokens=24, timeout=TIMEOUT).text for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0]
+    seeded = generate_batch(["Seeded prompt"] * 3, model="tiny", temperature=1.0, seed=1234,
+                            max_tokens=24, timeout=TIMEOUT)
+    assert len({r.text for r in seeded}) == 1
+    others = generate_batch(["Seeded prompt"] * 4, model="tiny", temperature=1.0,
+                            seed=None, max_tokens=24, timeout=TIMEOUT)
+    assert len({r.text for r in others} | {seeded[0].text}) > 1  # sampling really samples
+
+
+def test_over_long_prompt_in_a_batch_fails_alone(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    prompts = ["short one", "x " * 2000, "short two"]
+    results = generate_batch(prompts, model="tiny", max_tokens=4, timeout=TIMEOUT,
+                             return_exceptions=True)
+    assert isinstance(results[1], PromptTooLong)
+    assert "prompt" in str(results[1]) and "512" in str(results[1])
+    assert results[0].completion_tokens == 4 and results[2].completion_tokens == 4
+    with pytest.raises(PromptTooLong):
+        generate.delay("y " * 2000, model="tiny").get(timeout=TIMEOUT)
+
+
+def test_max_tokens_above_model_cap_fails_with_field_name(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    from producer import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        generate.delay("hi", model="tiny", max_tokens=100_000).get(timeout=TIMEOUT)
+
+
+def test_chat_batch_and_model_defaults(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"q{i}"}]
+             for i in range(5)]
+    results = chat_batch(convs, model="tiny-b", timeout=TIMEOUT)
+    # tiny-b's configured default is max_tokens = 5
+    assert all(r.engine_id == "b1" and r.completion_tokens <= 5 for r in results)
+    assert any(r.completion_tokens == 5 for r in results)
+
+
+def test_routing_by_model(workers_ab: tuple[WorkerProc, WorkerProc], app: Any) -> None:
+    handles = [(m, generate.delay(f"route {i}", model=m, max_tokens=2))
+               for i in range(10) for m in ("tiny", "tiny-b")]
+    for model, handle in handles:
+        result = handle.get(timeout=TIMEOUT)
+        assert result["model"] == model
+        assert result["engine_id"] == {"tiny": "a1", "tiny-b": "b1"}[model]
+
+
+def test_worker_pinning_and_node_names(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    a, b = workers_ab
+    info_b = engine_info(app, b.node)
+    assert info_b["gpus"] == ["0"] and info_b["cuda_visible_devices"] == "0"
+    assert info_b["state"] == "ready" and info_b["model"] == "tiny-b"
+    assert engine_info(app, a.node)["engine_id"] == "a1"
+
+
+def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
+    workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any, redis_client: Any
+) -> None:
+    handle = generate.delay("anyone there?", model="tiny-late", max_tokens=3)
+    with pytest.raises(CeleryTimeout):
+        handle.get(timeout=2)
+    assert redis_client.llen("fleet.model.tiny-late") == 1  # parked, not lost
+    late = fleet.start("tiny-late", "late1")
+    fleet.wait_ready(app, late)
+    result = handle.get(timeout=TIMEOUT)
+    assert result["engine_id"] == "late1" and result["completion_tokens"] == 3
+    fleet.stop(late)
+
+
+def test_control_shutdown_stops_exactly_one_engine(
+    workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any
+) -> None:
+    a1, b1 = workers_ab
+    a2 = fleet.start("tiny", "a2")
+    fleet.wait_ready(app, a2)
+    tree = a2.tree()
+    burst = [generate.delay(f"burst {i}", model="tiny", max_tokens=64, temperature=0.0)
+             for i in range(150)]
+    time.sleep(1.0)  # let both engines of `tiny` take work
+    # A node that shuts down sends no reply, so the command itself reports "no nodes replied".
+    subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "producer", "control", "shutdown", "-d", a2.node],
+        env=fleet.env, capture_output=True, timeout=60,
+    )
+    assert a2.process.wait(timeout=120) == 0, a2.log()[-3000:]
+    results = [h.get(timeout=TIMEOUT) for h in burst]  # nothing lost
+    assert len(results) == 150
+    served_by = {r["engine_id"] for r in results}
+    assert served_by <= {"a1", "a2"} and "a1" in served_by
+    assert not [p for p in tree if p.is_running() and p.status() != "zombie"]  # no orphan
+    # the other engines keep serving
+    assert a1.process.poll() is None and b1.process.poll() is None
+    assert generate.delay("still there", model="tiny", max_tokens=2).get(timeout=TIMEOUT)[
+        "engine_id"] == "a1"
+    assert generate.delay("still there", model="tiny-b", max_tokens=2).get(timeout=TIMEOUT)[
+        "engine_id"] == "b1"
