@@ -132,7 +132,7 @@ def _wants_progress(progress: bool | None, n: int) -> bool:
     return progress
 
 
-class _progress_bar:  # noqa: N801 - used like a function
+class _progress_bar:
     """A rich progress bar on stderr; yields a callable that advances it by one."""
 
     def __init__(self, total: int) -> None:

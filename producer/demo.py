@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from producer.localredis import LocalRedis, free_port
 
@@ -77,9 +78,9 @@ def _fleet(args: list[str], env: dict[str, str], *, check: bool) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def _spawn(args: list[str], env: dict[str, str], log: object) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)  # type: ignore[arg-type]
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def _show_flower(port: int, user: str, password: str) -> None:

@@ -37,7 +37,7 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to ``model``."""
     engine: Literal["vllm", "fake"] = "vllm"
-    """``vllm``: the real engine. ``fake``: the deterministic stand-in, for queue benchmarks only."""
+    """``vllm``: the real engine. ``fake``: the deterministic stand-in (queue benchmarks only)."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Context length (prompt + output tokens); defaults to the model's own."""
     dtype: str = "auto"

@@ -19,7 +19,7 @@ from producer.errors import InvalidRequest
 from producer.schema import ChatRequest, GenerateRequest, Sampling, parse, to_wire
 
 
-class ModelTask(Task):  # type: ignore[misc]
+class ModelTask(Task):
     """A task for one model: the call is validated, then sent to ``fleet.model.<model>``."""
 
     schema: ClassVar[type[Sampling]]

@@ -68,7 +68,8 @@ class Fleet:
         while waiting:
             for w in waiting.values():
                 if w.process.poll() is not None:
-                    raise RuntimeError(f"{w.node} exited {w.process.returncode}:\n{w.log()[-4000:]}")
+                    code = w.process.returncode
+                    raise RuntimeError(f"{w.node} exited {code}:\n{w.log()[-4000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready: {sorted(waiting)}")
             queues = app.control.inspect(destination=list(waiting), timeout=1.0).active_queues()

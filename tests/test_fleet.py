@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from producer import PromptTooLong, chat, generate
+from producer import PromptTooLong, generate
 from producer.client import chat_batch, generate_batch
 from producer.client import generate as generate_blocking
 from tests.harness import Fleet, WorkerProc, engine_info

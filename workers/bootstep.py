@@ -53,7 +53,8 @@ class EngineStep(bootsteps.StartStopStep):
         request_amx()
         settings = get_settings()
         # vLLM reads this when it is first imported, which happens later, on the loader thread.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.engine_multiprocessing else "0"
+        multiprocessing = "1" if settings.engine_multiprocessing else "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiprocessing
         config = settings.model(model)
         if model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself

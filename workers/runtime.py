@@ -20,7 +20,7 @@ from workers.engines import Engine, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
 
-SAMPLING_FIELDS = frozenset(Sampling.model_fields)
+SAMPLING_FIELDS = set(Sampling.model_fields)
 WARMUP_TIMEOUT_S = 600.0
 
 

@@ -85,7 +85,11 @@ def _write_tokenizer(out: Path) -> dict[str, int]:
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     tokenizer.save(str(out / "tokenizer.json"))
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIALS}
+    ids: dict[str, int] = {}
+    for token in SPECIALS:
+        token_id = tokenizer.token_to_id(token)
+        assert token_id is not None, token
+        ids[token] = token_id
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,

@@ -1,4 +1,4 @@
-"""Engines a worker can hold: ``vllm`` (the real one) and ``fake`` (queue benchmarks, unit tests)."""
+"""Engines a worker can hold: ``vllm`` (the real one), ``fake`` (benchmarks, unit tests)."""
 
 from __future__ import annotations
 

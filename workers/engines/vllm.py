@@ -124,26 +124,28 @@ class VLLMEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         c = self.config
+        optional: dict[str, Any] = {
+            "dtype": c.dtype,
+            "max_model_len": c.max_model_len,
+        } | {
+            k: v
+            for k, v in {
+                "gpu_memory_utilization": c.gpu_memory_utilization,
+                "kv_cache_memory_bytes": c.kv_cache_memory_bytes,
+                "max_num_seqs": c.max_num_seqs,
+            }.items()
+            if v is not None
+        }
         args = EngineArgs(
             model=c.model,
             tokenizer=c.tokenizer,
-            dtype=c.dtype,
-            max_model_len=c.max_model_len,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=c.enforce_eager,
             hf_overrides=dict(c.hf_overrides),
             trust_remote_code=c.trust_remote_code,
             seed=c.seed,
             disable_log_stats=True,
-            **{
-                k: v
-                for k, v in {
-                    "gpu_memory_utilization": c.gpu_memory_utilization,
-                    "kv_cache_memory_bytes": c.kv_cache_memory_bytes,
-                    "max_num_seqs": c.max_num_seqs,
-                }.items()
-                if v is not None
-            },
+            **optional,
         )
         return LLMEngine.from_engine_args(args)
 
