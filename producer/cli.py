@@ -36,7 +36,7 @@ def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, logleve
 @cli.command()
 def worker(
     model: Annotated[str, typer.Option(help="Model id to serve (FLEET_MODELS, FLEET_CONFIG).")],
-    engine_id: Annotated[str | None, typer.Option(help="Engine id, <model>-<host> if unset.")] = None,
+    engine_id: Annotated[str | None, typer.Option(help="Engine id (<model>-<host>).")] = None,
     gpus: Annotated[str, typer.Option(help="GPU ids to pin to, e.g. 0,1 (empty: CPU).")] = "",
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
