@@ -1,0 +1,39 @@
+"""The worker runtime with the deterministic fake engine (unit level: no Redis, no vLLM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.errors import InvalidRequest, UnknownModel
+from producer.schema import ChatRequest, GenerateRequest, Sampling
+from producer.settings import ModelConfig
+from workers.runtime import Runtime
+
+
+def _runtime(**config: object) -> Runtime:
+    cfg = ModelConfig(model="unused", engine="fake", **config)  # type: ignore[arg-type]
+    runtime = Runtime(model_id="m", engine_id="e1", config=cfg, gpus=[])
+    runtime.load()
+    return runtime
+
+
+def test_model_defaults_fill_only_unset_knobs() -> None:
+    runtime = _runtime(defaults=Sampling(max_tokens=3, temperature=0.5))
+    out = runtime.handle(GenerateRequest, "t1", {"prompt": "a b", "model": "m"})
+    assert out["completion_tokens"] == 3 and out["text"] == "a b a"
+    out = runtime.handle(GenerateRequest, "t2", {"prompt": "a b", "model": "m", "max_tokens": 1})
+    assert out["completion_tokens"] == 1
+    assert out["engine_id"] == "e1" and out["model"] == "m"
+
+
+def test_worker_side_checks_fail_only_the_task() -> None:
+    runtime = _runtime(max_tokens_cap=8)
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        runtime.handle(GenerateRequest, "t1", {"prompt": "x", "model": "m", "max_tokens": 9})
+    with pytest.raises(InvalidRequest, match="temperature"):
+        runtime.handle(GenerateRequest, "t2", {"prompt": "x", "model": "m", "temperature": -1})
+    with pytest.raises(UnknownModel, match="other"):
+        runtime.handle(GenerateRequest, "t3", {"prompt": "x", "model": "other"})
+    chat = {"messages": [{"role": "user", "content": "hi there"}], "model": "m"}
+    assert runtime.handle(ChatRequest, "t4", chat)["text"].startswith("hi there")
+    assert runtime.describe()["state"] == "ready"
