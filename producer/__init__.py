@@ -18,7 +18,7 @@ from producer.errors import (
     UnknownModel,
 )
 from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
-from producer.tasks import chat, generate
+from producer.tasks import chat, chat_many, generate, generate_many
 
 __all__ = [
     "ChatMessage",
@@ -36,5 +36,7 @@ __all__ = [
     "UnknownModel",
     "app",
     "chat",
+    "chat_many",
     "generate",
+    "generate_many",
 ]

@@ -8,23 +8,27 @@ own result-backend connection.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 from celery.result import AsyncResult, ResultSet
 
-from producer.schema import Completion
-from producer.tasks import ModelTask
+from producer import errors
+from producer.errors import FleetError, InvalidRequest
+from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest
+from producer.tasks import ManyTask, ModelTask, chat_many, generate_many, item_wire
 from producer.tasks import chat as chat_task
 from producer.tasks import generate as generate_task
 
 PROGRESS_MIN_ITEMS = 32
+DEFAULT_CHUNK = 64
 
 
 def generate(prompt: str, *, model: str, timeout: float | None = None, **params: Any) -> Completion:
     """Complete one prompt and wait for the result."""
-    return generate_batch([prompt], model=model, timeout=timeout, progress=False, **params)[0]
+    return _one(generate_task, (prompt,), {"model": model, **params}, timeout)
 
 
 def chat(
@@ -35,7 +39,7 @@ def chat(
     **params: Any,
 ) -> Completion:
     """Answer one conversation and wait for the result."""
-    return chat_batch([messages], model=model, timeout=timeout, progress=False, **params)[0]
+    return _one(chat_task, (list(messages),), {"model": model, **params}, timeout)
 
 
 def generate_batch(
@@ -45,11 +49,17 @@ def generate_batch(
     timeout: float | None = None,
     return_exceptions: bool = False,
     progress: bool | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
     **params: Any,
 ) -> list[Any]:
-    """Complete many prompts; results come back in input order."""
+    """Complete many prompts; results come back in input order.
+
+    Prompts travel ``chunk_size`` to a message (task ``fleet.generate_many``), so the queue costs
+    one round trip per chunk, not per prompt; chunks spread over the model's engines.
+    """
     calls = [((prompt,), {"model": model, **params}) for prompt in prompts]
-    return _run(generate_task, calls, timeout, return_exceptions, progress)
+    return _run(generate_task, generate_many, calls, timeout, return_exceptions, progress,
+                chunk_size)
 
 
 def chat_batch(
@@ -59,11 +69,12 @@ def chat_batch(
     timeout: float | None = None,
     return_exceptions: bool = False,
     progress: bool | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
     **params: Any,
 ) -> list[Any]:
-    """Answer many conversations; results come back in input order."""
+    """Answer many conversations; results come back in input order (chunked like generate_batch)."""
     calls = [((list(messages),), {"model": model, **params}) for messages in conversations]
-    return _run(chat_task, calls, timeout, return_exceptions, progress)
+    return _run(chat_task, chat_many, calls, timeout, return_exceptions, progress, chunk_size)
 
 
 def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0) -> list[str]:
@@ -72,8 +83,6 @@ def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0
     An engine consumes its model queue only once it has loaded and answered a warmup request,
     so a listed node is ready to serve. Raises NoEngine after ``timeout`` seconds.
     """
-    import time
-
     from producer.celery_app import app
     from producer.errors import NoEngine
     from producer.naming import model_queue
@@ -89,38 +98,73 @@ def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0
             raise NoEngine(f"no engine serves model {model!r} after {timeout:.0f}s")
 
 
+def _one(task: ModelTask, args: tuple[Any, ...], kwargs: dict[str, Any],
+         timeout: float | None) -> Completion:
+    value = task.apply_async(args, kwargs).get(timeout=timeout)
+    return Completion.model_validate(value, strict=False)
+
+
 def _run(
-    task: ModelTask,
+    item_task: ModelTask,
+    many_task: ManyTask,
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
     timeout: float | None,
     return_exceptions: bool,
     progress: bool | None,
+    chunk_size: int,
 ) -> list[Any]:
-    requests = [task.validate(args, kwargs) for args, kwargs in calls]
-    handles = [task.send(request) for request in requests]
-    values = _collect(handles, timeout, _wants_progress(progress, len(handles)))
+    if chunk_size < 1:
+        raise InvalidRequest(f"chunk_size: must be at least 1 (got {chunk_size})")
+    chunk_size = min(chunk_size, MAX_BATCH)
+    requests = [item_task.validate(args, kwargs) for args, kwargs in calls]
+    if not requests:
+        return []
+    chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
+    handles = [
+        many_task.send(ManyRequest(requests=[item_wire(r) for r in chunk], model=chunk[0].model))
+        for chunk in chunks
+    ]
+    values = _collect(handles, [len(c) for c in chunks], timeout,
+                      _wants_progress(progress, len(requests)))
     out: list[Any] = []
-    for value in values:
-        if isinstance(value, BaseException):
-            if not return_exceptions:
-                raise value
-            out.append(value)
-        else:
-            out.append(Completion.model_validate(value, strict=False))
+    for chunk, value in zip(chunks, values, strict=True):
+        items = value if isinstance(value, list) else [{"failed": value}] * len(chunk)
+        for item in items:
+            outcome = _outcome(item)
+            if isinstance(outcome, BaseException) and not return_exceptions:
+                raise outcome
+            out.append(outcome)
     return out
 
 
-def _collect(handles: list[AsyncResult], timeout: float | None, progress: bool) -> list[Any]:
+def _outcome(item: dict[str, Any]) -> Completion | BaseException:
+    """A completion, or the error it stands for, from one entry of a many-request's result."""
+    if "failed" in item:  # the whole message failed
+        error = item["failed"]
+        return error if isinstance(error, BaseException) else FleetError(str(error))
+    result = ItemResult.model_validate(item, strict=False)
+    if result.ok is not None:
+        return result.ok
+    assert result.error is not None
+    cls = getattr(errors, result.error.type, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.FleetError)):
+        cls = errors.FleetError
+    return cls(result.error.message)
+
+
+def _collect(handles: list[AsyncResult], sizes: list[int], timeout: float | None,
+             progress: bool) -> list[Any]:
     """Wait for every result; exceptions are returned in place, not raised."""
     index = {handle.id: i for i, handle in enumerate(handles)}
     values: list[Any] = [None] * len(handles)
-    bar = _progress_bar(len(handles)) if progress else nullcontext(None)
+    bar = _progress_bar(sum(sizes)) if progress else nullcontext(None)
     with bar as advance:
 
         def on_result(task_id: str, value: Any) -> None:
-            values[index[task_id]] = value
+            i = index[task_id]
+            values[i] = value
             if advance is not None:
-                advance()
+                advance(sizes[i])
 
         ResultSet(handles).join_native(timeout=timeout, propagate=False, callback=on_result)
     return values
@@ -143,7 +187,7 @@ class _progress_bar:
 
     def __enter__(self) -> Any:
         self._progress.start()
-        return lambda: self._progress.advance(self._task)
+        return lambda n: self._progress.advance(self._task, n)
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()

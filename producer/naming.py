@@ -17,6 +17,8 @@ import socket
 
 GENERATE_TASK = "fleet.generate"
 CHAT_TASK = "fleet.chat"
+GENERATE_MANY_TASK = "fleet.generate_many"
+CHAT_MANY_TASK = "fleet.chat_many"
 
 MODEL_QUEUE_PREFIX = "fleet.model."
 ENGINE_QUEUE_PREFIX = "fleet.engine."

@@ -19,6 +19,7 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_LIMIT = 131_072
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 1_024
+MAX_BATCH = 1_024
 
 ModelId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=1_000)]
@@ -84,6 +85,28 @@ class ChatRequest(Sampling):
     """Id of the model (and so of the queue) that serves the request."""
 
 
+class ManyRequest(_Frozen):
+    """Many requests of one kind for one model in one message (``fleet.*_many`` tasks).
+
+    Items are checked one by one on both sides, so a bad item fails only itself; they carry
+    the fields of a GenerateRequest or ChatRequest except ``model``.
+    """
+
+    requests: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+    """The requests, in order; results come back in the same order."""
+    model: ModelId
+    """Id of the model (and so of the queue) that serves every request."""
+
+
+class ItemError(_Frozen):
+    """Why one item of a many-request failed."""
+
+    type: str
+    """Name of the error class in ``producer.errors`` (e.g. ``PromptTooLong``)."""
+    message: str
+    """The error message, naming the field at fault."""
+
+
 class Completion(_Frozen):
     """The result of a generate or chat task, as stored in the result backend."""
 
@@ -101,6 +124,15 @@ class Completion(_Frozen):
     """Id of the model that served the request."""
     engine_id: str
     """Id of the engine that served the request."""
+
+
+class ItemResult(_Frozen):
+    """The outcome of one item of a many-request: a completion or an error."""
+
+    ok: Completion | None = None
+    """The completion, if the item succeeded."""
+    error: ItemError | None = None
+    """The error, if it failed."""
 
 
 RequestT = TypeVar("RequestT", bound=_Frozen)

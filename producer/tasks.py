@@ -16,13 +16,13 @@ from celery.result import AsyncResult
 from producer import naming
 from producer.celery_app import app
 from producer.errors import InvalidRequest
-from producer.schema import ChatRequest, GenerateRequest, Sampling, parse, to_wire
+from producer.schema import ChatRequest, GenerateRequest, ManyRequest, Sampling, parse, to_wire
 
 
 class ModelTask(Task):
     """A task for one model: the call is validated, then sent to ``fleet.model.<model>``."""
 
-    schema: ClassVar[type[Sampling]]
+    schema: ClassVar[type[Sampling] | type[ManyRequest]]
     #: Names of the positional arguments, in order (the rest are keyword-only).
     positional: ClassVar[tuple[str, ...]]
     typing = False  # the schema checks the signature, with clearer errors
@@ -72,6 +72,44 @@ class ChatTask(ModelTask):
     positional = ("messages",)
 
 
+class ManyTask(ModelTask):
+    """Many requests of one kind in one message: one round trip for the whole chunk."""
+
+    schema = ManyRequest
+    positional = ("requests",)
+    item_schema: ClassVar[type[GenerateRequest] | type[ChatRequest]]
+
+    def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ManyRequest:
+        envelope: ManyRequest = super().validate(args, kwargs)
+        items = []
+        for i, item in enumerate(envelope.requests):
+            try:
+                request = parse(self.item_schema, {**item, "model": envelope.model})
+            except InvalidRequest as e:
+                raise InvalidRequest(f"requests.{i}: {e}") from None
+            items.append(item_wire(request))
+        return ManyRequest(requests=items, model=envelope.model)
+
+
+class GenerateManyTask(ManyTask):
+    """``generate_many.delay([{"prompt": ...}, ...], model=...)``: complete many prompts."""
+
+    item_schema = GenerateRequest
+
+
+class ChatManyTask(ManyTask):
+    """``chat_many.delay([{"messages": [...]}, ...], model=...)``: answer many conversations."""
+
+    item_schema = ChatRequest
+
+
+def item_wire(request: GenerateRequest | ChatRequest) -> dict[str, Any]:
+    """One item of a many-request on the wire: the fields set, less the shared model."""
+    wire = to_wire(request)
+    del wire["model"]
+    return wire
+
+
 Executor = Callable[[ModelTask, dict[str, Any]], Any]
 _executor: Executor | None = None
 
@@ -91,4 +129,16 @@ def generate(self: GenerateTask, **kwargs: Any) -> Any:
 @app.task(base=ChatTask, bind=True, name=naming.CHAT_TASK)
 def chat(self: ChatTask, **kwargs: Any) -> Any:
     """Answer a conversation on the model's engine."""
+    return self.execute(kwargs)
+
+
+@app.task(base=GenerateManyTask, bind=True, name=naming.GENERATE_MANY_TASK)
+def generate_many(self: GenerateManyTask, **kwargs: Any) -> Any:
+    """Complete many prompts in one message; a list of ItemResult, in order."""
+    return self.execute(kwargs)
+
+
+@app.task(base=ChatManyTask, bind=True, name=naming.CHAT_MANY_TASK)
+def chat_many(self: ChatManyTask, **kwargs: Any) -> Any:
+    """Answer many conversations in one message; a list of ItemResult, in order."""
     return self.execute(kwargs)

@@ -84,6 +84,40 @@ def test_200_requests_batch_in_order_and_engine_batches(
         assert result.prompt_tokens == tok.count(prompt)  # in input order
         assert result.engine_id == "a1"
     assert engine_info(app, a.node)["max_running"] > 1
+    # the same 200 as individual .delay() tasks: every one completes, in order of its handle
+    handles = [generate.delay(p, model="tiny", max_tokens=16, temperature=0.0) for p in prompts]
+    singles = [h.get(timeout=TIMEOUT) for h in handles]
+    assert [r["text"] for r in singles] == [r.text for r in results]  # greedy: same answers
+
+
+def test_many_task_and_helpers_from_several_threads(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer import generate_many
+
+    value = generate_many.delay(
+        [{"prompt": "first", "max_tokens": 2, "temperature": 0.0}, {"prompt": "z " * 2000},
+         {"prompt": "third"}],
+        model="tiny",
+    ).get(timeout=TIMEOUT)
+    assert value[0]["ok"]["completion_tokens"] == 2
+    assert value[1]["error"]["type"] == "PromptTooLong"
+    assert value[2]["ok"]["engine_id"] == "a1"
+
+    def work(n: int) -> list[int]:
+        prompts = [f"thread {n} item {i}" for i in range(20)]
+        got = generate_batch(prompts, model="tiny", max_tokens=1 + n, chunk_size=7,
+                             temperature=0.0, timeout=TIMEOUT)
+        single = generate_blocking(f"thread {n}", model="tiny", max_tokens=1 + n,
+                                   temperature=0.0, timeout=TIMEOUT)
+        return [r.completion_tokens for r in [*got, single]]
+
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(work, range(4)))
+    for n, counts in enumerate(outputs):
+        assert len(counts) == 21 and set(counts) == {1 + n}
 
 
 def test_temperature_zero_and_seed_are_deterministic(
@@ -104,8 +138,8 @@ def test_over_long_prompt_in_a_batch_fails_alone(
     workers_ab: tuple[WorkerProc, WorkerProc], app: Any
 ) -> None:
     prompts = ["short one", "x " * 2000, "short two"]
-    results = generate_batch(prompts, model="tiny", max_tokens=4, timeout=TIMEOUT,
-                             return_exceptions=True)
+    results = generate_batch(prompts, model="tiny", max_tokens=4, temperature=0.0,
+                             timeout=TIMEOUT, return_exceptions=True)
     assert isinstance(results[1], PromptTooLong)
     assert "prompt" in str(results[1]) and "512" in str(results[1])
     assert results[0].completion_tokens == 4 and results[2].completion_tokens == 4
@@ -155,7 +189,7 @@ def test_worker_pinning_and_node_names(
 def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any, redis_client: Any
 ) -> None:
-    handle = generate.delay("anyone there?", model="tiny-late", max_tokens=3)
+    handle = generate.delay("anyone there?", model="tiny-late", max_tokens=3, temperature=0.0)
     with pytest.raises(CeleryTimeout):
         handle.get(timeout=2)
     assert redis_client.llen("fleet.model.tiny-late") == 1  # parked, not lost

@@ -37,3 +37,21 @@ def test_worker_side_checks_fail_only_the_task() -> None:
     chat = {"messages": [{"role": "user", "content": "hi there"}], "model": "m"}
     assert runtime.handle(ChatRequest, "t4", chat)["text"].startswith("hi there")
     assert runtime.describe()["state"] == "ready"
+
+
+def test_many_request_items_fail_alone() -> None:
+    runtime = _runtime(max_tokens_cap=8)
+    kwargs = {"model": "m", "requests": [
+        {"prompt": "one two", "max_tokens": 2},
+        {"prompt": "x", "max_tokens": 99},
+        {"prompt": 5},
+        {"prompt": "three"},
+    ]}
+    out = runtime.handle_many(GenerateRequest, "t", kwargs)
+    assert out[0] == {"ok": {"text": "one two", "finish_reason": "length", "prompt_tokens": 2,
+                             "completion_tokens": 2, "total_tokens": 4, "model": "m",
+                             "engine_id": "e1"}}
+    assert out[1]["error"]["type"] == "InvalidRequest"
+    assert "max_tokens" in out[1]["error"]["message"]
+    assert out[2]["error"]["type"] == "InvalidRequest" and "prompt" in out[2]["error"]["message"]
+    assert "ok" in out[3]

@@ -89,3 +89,14 @@ def test_valid_call_lands_on_the_model_queue(app: Any, redis_client: Any) -> Non
     assert redis_client.llen("fleet.model.parked") == 1
     result.forget()
     redis_client.delete("fleet.model.parked")
+
+
+def test_many_task_names_the_bad_item_and_field(app: Any, redis_client: Any) -> None:
+    from producer import generate_many
+
+    with pytest.raises(InvalidRequest, match=r"requests\.1: .*temperature"):
+        generate_many.delay([{"prompt": "ok"}, {"prompt": "x", "temperature": -1}],
+                            model="nobody")
+    with pytest.raises(InvalidRequest, match="requests"):
+        generate_many.delay([], model="nobody")
+    assert redis_client.llen("fleet.model.nobody") == 0

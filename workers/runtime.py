@@ -12,11 +12,11 @@ import threading
 import time
 from typing import Any
 
-from producer.errors import InvalidRequest, NoEngine, UnknownModel
-from producer.schema import ChatRequest, Completion, GenerateRequest, Sampling, parse
+from producer.errors import FleetError, InvalidRequest, NoEngine, UnknownModel
+from producer.schema import ChatRequest, GenerateRequest, ManyRequest, Sampling, parse
 from producer.settings import ModelConfig
-from producer.tasks import install_executor
-from workers.engines import Engine, EngineRequest, build_engine
+from producer.tasks import ManyTask, install_executor
+from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +58,60 @@ class Runtime:
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                kwargs: dict[str, Any]) -> dict[str, Any]:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
-        request = parse(schema, kwargs)
+        request = self._engine_request(parse(schema, kwargs), task_id)
+        self._check_ready()
+        return self._completion(self.engine.submit([request])[0].result())
+
+    def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
+                    kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Serve a many-request: every valid item joins the engine at once; each fails alone."""
+        envelope = parse(ManyRequest, kwargs)
+        outcomes: list[Any] = []
+        valid: list[EngineRequest] = []
+        for i, item in enumerate(envelope.requests):
+            try:
+                request = parse(schema, {**item, "model": envelope.model})
+                valid.append(self._engine_request(request, f"{task_id}:{i}"))
+                outcomes.append(None)
+            except FleetError as e:
+                outcomes.append(e)
+        self._check_ready()
+        futures = iter(self.engine.submit(valid))
+        results = []
+        for outcome in outcomes:
+            if outcome is None:
+                try:
+                    outcome = self._completion(next(futures).result())
+                except FleetError as e:
+                    outcome = e
+            results.append(item_result(outcome))
+        return results
+
+    def _engine_request(self, request: GenerateRequest | ChatRequest,
+                        request_id: str) -> EngineRequest:
         if request.model != self.model_id:
             raise UnknownModel(
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
             )
+        if isinstance(request, ChatRequest):
+            messages = [m.model_dump() for m in request.messages]
+            return EngineRequest(request_id, self._sampling(request), messages=messages)
+        return EngineRequest(request_id, self._sampling(request), prompt=request.prompt)
+
+    def _check_ready(self) -> None:
         if not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
             raise NoEngine(f"engine {self.engine_id!r} did not become ready")
-        engine_request = EngineRequest(
-            request_id=task_id,
-            sampling=self._sampling(request),
-            prompt=getattr(request, "prompt", None),
-            messages=(
-                [m.model_dump() for m in request.messages]
-                if isinstance(request, ChatRequest) else None
-            ),
-        )
-        out = self.engine.submit([engine_request])[0].result()
-        return Completion(
-            text=out.text,
-            finish_reason=out.finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_tokens,
-            completion_tokens=out.completion_tokens,
-            total_tokens=out.prompt_tokens + out.completion_tokens,
-            model=self.model_id,
-            engine_id=self.engine_id,
-        ).model_dump(mode="json")
+
+    def _completion(self, out: EngineOutput) -> dict[str, Any]:
+        return {
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "model": self.model_id,
+            "engine_id": self.engine_id,
+        }
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
         defaults = self.config.defaults.model_dump(exclude_none=True)
@@ -129,8 +157,17 @@ def install(runtime: Runtime | None) -> None:
     install_executor(execute if runtime is not None else None)
 
 
-def execute(task: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
+    """One entry of a many-request's result (the shape of ``producer.schema.ItemResult``)."""
+    if isinstance(outcome, FleetError):
+        return {"error": {"type": type(outcome).__name__, "message": str(outcome)}}
+    return {"ok": outcome}
+
+
+def execute(task: Any, kwargs: dict[str, Any]) -> Any:
     """The body of every fleet task in a worker: serve it on this process's engine."""
+    if isinstance(task, ManyTask):
+        return current().handle_many(task.item_schema, task.request.id, kwargs)
     return current().handle(task.schema, task.request.id, kwargs)
 
 
