@@ -43,7 +43,7 @@ def chat(
 
 
 def generate_batch(
-    prompts: Iterable[str],
+    prompts: Iterable[str | dict[str, Any]],
     *,
     model: str,
     timeout: float | None = None,
@@ -54,16 +54,18 @@ def generate_batch(
 ) -> list[Any]:
     """Complete many prompts; results come back in input order.
 
-    Prompts travel ``chunk_size`` to a message (task ``fleet.generate_many``), so the queue costs
-    one round trip per chunk, not per prompt; chunks spread over the model's engines.
+    An item is a prompt, or a dict of one request's fields (``{"prompt": ..., "max_tokens": 8}``)
+    that override the shared ``params``. Prompts travel ``chunk_size`` to a message (task
+    ``fleet.generate_many``), so the queue costs one round trip per chunk, not per prompt;
+    chunks spread over the model's engines.
     """
-    calls = [((prompt,), {"model": model, **params}) for prompt in prompts]
+    calls = [_call("prompt", item, model, params) for item in prompts]
     return _run(generate_task, generate_many, calls, timeout, return_exceptions, progress,
                 chunk_size)
 
 
 def chat_batch(
-    conversations: Iterable[Sequence[dict[str, Any]]],
+    conversations: Iterable[Sequence[dict[str, Any]] | dict[str, Any]],
     *,
     model: str,
     timeout: float | None = None,
@@ -72,8 +74,9 @@ def chat_batch(
     chunk_size: int = DEFAULT_CHUNK,
     **params: Any,
 ) -> list[Any]:
-    """Answer many conversations; results come back in input order (chunked like generate_batch)."""
-    calls = [((list(messages),), {"model": model, **params}) for messages in conversations]
+    """Answer many conversations, in input order; an item is a message list or a dict of one
+    request's fields (``{"messages": [...], "seed": 1}``). Chunked like generate_batch."""
+    calls = [_call("messages", item, model, params) for item in conversations]
     return _run(chat_task, chat_many, calls, timeout, return_exceptions, progress, chunk_size)
 
 
@@ -96,6 +99,14 @@ def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0
             return nodes
         if time.monotonic() >= deadline:
             raise NoEngine(f"no engine serves model {model!r} after {timeout:.0f}s")
+
+
+def _call(field: str, item: Any, model: str,
+          params: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The (args, kwargs) of one batch item: a bare value, or a dict of its own fields."""
+    if isinstance(item, dict):
+        return (), {"model": model, **params, **item}
+    return ((list(item) if field == "messages" else item),), {"model": model, **params}
 
 
 def _one(task: ModelTask, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -1,0 +1,125 @@
+"""Turn raw benchmark timings into figures, ratios, a table, a JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.workloads import workloads
+
+RESULTS = Path(__file__).parent / "results"
+MB = 2**20
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version()}
+
+
+def figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """Requests per second per system and workload, and the ratios the goals are stated in."""
+    med = statistics.median
+    n = {w.name: len(w.prompts) for w in workloads()}
+    rps: dict[str, dict[str, float]] = {}
+
+    def add(system: str, name: str, times: list[float], count: int | None = None) -> None:
+        rps.setdefault(system, {})[name] = (count or n[name]) / med(times)
+
+    for name, times in raw.get("direct", {}).get("times", {}).items():
+        add("direct engine", name, times)
+    for path in ("batch", "delay"):
+        for name, times in raw.get("fleet", {}).get(path, {}).items():
+            add(f"fleet ({'batch helper' if path == 'batch' else '.delay()'})", name, times)
+    for name, best in raw.get("openai", {}).items():
+        add("vLLM OpenAI server", name, best["times"])
+    if "naive" in raw:
+        add("naive Celery", "1024x32", raw["naive"]["times"], raw["naive"]["n"])
+    ratios: dict[str, float] = {}
+    direct = rps.get("direct engine", {})
+    for system in ("fleet (batch helper)", "fleet (.delay())"):
+        for name, value in rps.get(system, {}).items():
+            if name in direct:
+                ratios[f"{system} / direct, {name}"] = value / direct[name]
+            if name in rps.get("vLLM OpenAI server", {}):
+                ratios[f"{system} / OpenAI server, {name}"] = value / rps[
+                    "vLLM OpenAI server"][name]
+            if name in rps.get("naive Celery", {}):
+                ratios[f"{system} / naive Celery, {name}"] = value / rps["naive Celery"][name]
+    out: dict[str, Any] = {"requests_per_s": rps, "ratios": ratios}
+    if "overhead" in raw:
+        o = raw["overhead"]
+        batch_tps = o["batch_helper_n"] / med(o["batch_helper_s"])
+        stock_tps = o["stock"]["delay_n"] / med(o["stock"]["delay_s"])
+        out["overhead"] = {
+            "fake batch helper tasks/s": batch_tps,
+            "fake .delay() tasks/s": o["delay_n"] / med(o["delay_s"]),
+            "stock Celery no-op tasks/s": stock_tps,
+            "fake batch helper / stock no-op": batch_tps / stock_tps,
+            "fake latency p50 ms": o["latency_ms"]["p50"],
+            "fake latency p99 ms": o["latency_ms"]["p99"],
+            "stock no-op latency p50 ms": o["stock"]["latency_ms"]["p50"],
+            "stock no-op latency p99 ms": o["stock"]["latency_ms"]["p99"],
+            "fake worker RSS MB": o["worker_rss_bytes"] / MB,
+        }
+    if "fleet" in raw and "direct" in raw:
+        out["memory"] = {
+            "fleet worker RSS MB": raw["fleet"]["rss_bytes"] / MB,
+            "direct engine process RSS MB": raw["direct"]["rss_bytes"] / MB,
+            "worker beyond the engine MB": (raw["fleet"]["rss_bytes"]
+                                            - raw["direct"]["rss_bytes"]) / MB,
+        }
+    return out
+
+
+def table(figs: dict[str, Any]) -> str:
+    rps = figs["requests_per_s"]
+    names = [w.name for w in workloads()]
+    lines = [f"{'requests/s':<28}" + "".join(f"{n:>14}" for n in names)]
+    for system, values in rps.items():
+        lines.append(f"{system:<28}" + "".join(
+            f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
+    lines.append("")
+    lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
+    for section in ("overhead", "memory"):
+        if section in figs:
+            lines.append("")
+            lines += [f"{k:<60}{v:>10.2f}" for k, v in figs[section].items()]
+    return "\n".join(lines)
+
+
+def write(raw: dict[str, Any]) -> None:
+    figs = figures(raw)
+    text = table(figs)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({"raw": raw, "figures": figs}, indent=2))
+    (RESULTS / "latest.txt").write_text(text + "\n")
+    chart(figs, RESULTS / "latest.png")
+
+
+def chart(figs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rps = figs["requests_per_s"]
+    names = [w.name for w in workloads()]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(len(rps), 1)
+    for i, (system, values) in enumerate(rps.items()):
+        xs = [j + i * width for j, n in enumerate(names) if n in values]
+        ax.bar(xs, [values[n] for n in names if n in values], width, label=system)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("requests per second (median)")
+    ax.set_title("vllm-fleet vs the bare engine and the alternatives (tiny model, CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,69 @@
+"""Pure queue overhead: the fleet with the deterministic fake engine (zero generation cost),
+beside stock Celery moving no-op tasks on the same Redis in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from celery.result import ResultSet
+
+from benchmarks import processes
+from benchmarks.workloads import Workload, prompts
+
+
+def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int = 2_000,
+            n_latency: int = 300) -> dict[str, Any]:
+    from benchmarks.systems import fleet as fleet_system
+    from producer.client import generate as generate_one
+    from producer.client import wait_for_engine
+
+    out: dict[str, Any] = {}
+    worker = processes.fleet_worker("fake", "fake-1", env)
+    try:
+        wait_for_engine("fake", timeout=120)
+        big = Workload("fake", prompts(n_batch), [1] * n_batch)
+        small = Workload("fake", big.prompts[:n_delay], [1] * n_delay)
+        out["batch_helper_s"] = [fleet_system.through_batch_helper(big, "fake", 256)
+                                 for _ in range(reps)]
+        out["batch_helper_n"] = n_batch
+        out["delay_s"] = [fleet_system.through_delay(small, "fake") for _ in range(reps)]
+        out["delay_n"] = n_delay
+        out["latency_ms"] = _latencies(
+            lambda i: generate_one(f"ping {i}", model="fake", max_tokens=1, timeout=30),
+            n_latency)
+        out["worker_rss_bytes"] = processes.rss(worker)
+    finally:
+        processes.stop(worker)
+    out["stock"] = _stock_celery(env, reps, n_delay, n_latency)
+    return out
+
+
+def _stock_celery(env: dict[str, str], reps: int, n: int, n_latency: int) -> dict[str, Any]:
+    from benchmarks.systems.noop_app import app as noop_app
+    from benchmarks.systems.noop_app import echo
+
+    worker = processes.celery_worker("benchmarks.systems.noop_app", "noop", env, "-P", "solo")
+    try:
+        echo.delay(0).get(timeout=60)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ResultSet([echo.delay(i) for i in range(n)]).join_native(timeout=600)
+            times.append(time.perf_counter() - t0)
+        latency = _latencies(lambda i: echo.delay(i).get(timeout=30), n_latency)
+        return {"delay_s": times, "delay_n": n, "latency_ms": latency}
+    finally:
+        noop_app.control.shutdown(destination=["noop@bench"])
+        processes.stop(worker)
+
+
+def _latencies(call: Any, n: int) -> dict[str, float]:
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        call(i)
+        samples.append((time.perf_counter() - t0) * 1000)
+    q = statistics.quantiles(samples, n=100)
+    return {"p50": statistics.median(samples), "p99": q[98], "mean": statistics.fmean(samples)}
