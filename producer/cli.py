@@ -18,8 +18,9 @@ cli = typer.Typer(help="vllm-fleet: share resident vLLM engines through Celery a
 
 
 def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, loglevel: str,
-                host: str) -> list[str]:
+                host: str, task_events: bool = True) -> list[str]:
     """The ``celery worker`` command line of one engine."""
+    events = ["-E"] if task_events else []
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
         "--model", model, "--engine-id", engine_id, "--gpus", gpus,
@@ -29,7 +30,7 @@ def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, logleve
         # The engine lives in this process (vLLM must not start inside a forked daemonic child);
         # pool threads wait on it, one request each.
         "-P", "threads", "-c", str(concurrency),
-        "-E", "--without-gossip", "-l", loglevel,
+        *events, "--without-gossip", "-l", loglevel,
     ]
 
 
@@ -52,7 +53,7 @@ def worker(
         # Set before celery (and so torch) is imported in the new process image.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     argv = worker_argv(model, engine_id, gpus, concurrency or settings.worker_concurrency,
-                       loglevel, host)
+                       loglevel, host, settings.task_events)
     os.execv(sys.executable, argv)
 
 

@@ -88,6 +88,9 @@ class FleetSettings(BaseSettings):
     """Where the embedded tiny model is built."""
     worker_concurrency: int = Field(default=64, ge=1)
     """Requests one worker holds in flight (threads of its pool)."""
+    task_events: bool = True
+    """Workers send Celery task events (what Flower shows per task); three extra Redis writes
+    per task."""
     engine_multiprocessing: bool = False
     """Run vLLM's engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING). Off: the
     engine lives in the worker process, so it cannot outlive it."""
@@ -150,7 +153,7 @@ def tiny_model_config(path: Path) -> ModelConfig:
         dtype="bfloat16",
         enforce_eager=True,
         kv_cache_memory_bytes=256 * 2**20,
-        max_num_seqs=256,
+        max_num_seqs=1024,
         max_tokens_cap=512,
     )
 
