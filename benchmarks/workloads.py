@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-WORDS = ["queue", "engine", "batch", "token", "model", "worker", "result", "redis", "celery", "request", "answer", "prompt", "stream", "cache", "shard", "fleet"]
+WORDS = [
+    "queue", "engine", "batch", "token", "model", "worker", "result", "redis", "celery",
+    "request", "answer", "prompt", "stream", "cache", "shard", "fleet",
+]
 
 
 @dataclass(frozen=True)

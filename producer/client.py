@@ -23,7 +23,7 @@ from producer.tasks import chat as chat_task
 from producer.tasks import generate as generate_task
 
 PROGRESS_MIN_ITEMS = 32
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 256
 
 
 def generate(prompt: str, *, model: str, timeout: float | None = None, **params: Any) -> Completion:

@@ -86,7 +86,7 @@ class FleetSettings(BaseSettings):
     """Engine settings per model id (from the config file, or JSON in FLEET_MODELS)."""
     cache_dir: Path = Path.home() / ".cache" / "vllm-fleet"
     """Where the embedded tiny model is built."""
-    worker_concurrency: int = Field(default=64, ge=1)
+    worker_concurrency: int = Field(default=256, ge=1)
     """Requests one worker holds in flight (threads of its pool)."""
     task_events: bool = True
     """Workers send Celery task events (what Flower shows per task); three extra Redis writes
