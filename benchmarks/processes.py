@@ -38,7 +38,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 300) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited {process.returncode}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from producer import naming
+from producer.errors import UnknownModel
 from producer.settings import get_settings
 
 cli = typer.Typer(help="vllm-fleet: share resident vLLM engines through Celery and Redis.",
@@ -45,7 +46,10 @@ def worker(
 ) -> None:
     """Start a Celery worker holding one resident engine for MODEL."""
     settings = get_settings()
-    settings.model(model)  # unknown model: fail here, with the list of known ones
+    try:
+        settings.model(model)  # unknown model: fail here, with the list of known ones
+    except UnknownModel as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
     host = host or socket.gethostname()
     engine_id = engine_id or f"{model}-{host.split('.')[0]}"
     naming.check_id(engine_id, what="--engine-id")

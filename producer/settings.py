@@ -40,7 +40,7 @@ class ModelConfig(BaseModel):
     """``vllm``: the real engine. ``fake``: the deterministic stand-in (queue benchmarks only)."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Context length (prompt + output tokens); defaults to the model's own."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
     """Weights and activations dtype: auto, bfloat16, float16, float32."""
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     """GPUs one engine spans; defaults to the number of GPU ids the worker is pinned to."""
