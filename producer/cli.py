@@ -86,6 +86,34 @@ def flower(
     os.execv(sys.executable, argv)
 
 
+ENGINE_COLUMNS = ("engine_id", "node", "model", "gpus", "state", "running", "requests_served",
+                  "tokens_generated", "uptime_s", "queue_depth")
+
+
+@cli.command()
+def engines(
+    model: Annotated[str | None, typer.Option(help="Only engines of this model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for replies.")] = 1.0,
+) -> None:
+    """List the live engines (from each worker's `inspect engine` answer)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from producer.engines import list_engines
+
+    found = list_engines(model, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    table = Table(*ENGINE_COLUMNS)
+    for engine in found:
+        table.add_row(*(str(engine.get(column, "")) for column in ENGINE_COLUMNS))
+    Console().print(table)
+
+
 @cli.command("build-tiny-model")
 def build_tiny_model(
     out: Annotated[Path | None, typer.Option(help="Target directory.")] = None,

@@ -186,6 +186,20 @@ def test_worker_pinning_and_node_names(
     assert engine_info(app, a.node)["engine_id"] == "a1"
 
 
+def test_engines_listing(workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: dict[str, str],
+                         app: Any) -> None:
+    from producer.engines import list_engines
+
+    engines = {e["engine_id"]: e for e in list_engines(timeout=2.0)}
+    assert {"a1", "b1"} <= set(engines)
+    assert engines["b1"]["model"] == "tiny-b" and engines["b1"]["node"] == "b1@test"
+    assert engines["a1"]["state"] == "ready" and engines["a1"]["queue_depth"] == 0
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "engines", "--json",
+                          "--model", "tiny-b", "--timeout", "2"], env=fleet_env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert [e["engine_id"] for e in json.loads(out.stdout)] == ["b1"]
+
+
 def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any, redis_client: Any
 ) -> None:
