@@ -14,11 +14,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@if ! command -v redis-server >/dev/null || ! $(PYTHON) -m venv --help >/dev/null 2>&1; then \
-		echo "installing redis-server and python3-venv"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server python3-venv; \
-	fi
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@# Debian ships venv without ensurepip until python3-venv is installed.
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv \
+		&& $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' \
 		|| $(PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) -e '.[$(EXTRAS)]'
