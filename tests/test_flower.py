@@ -60,6 +60,13 @@ def flower(fleet_env: dict[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
     process.wait(30)
 
 
+def _seen(base: str, auth: tuple[str, str], handles: list[Any], every: bool = False) -> bool:
+    """Whether Flower lists these tasks (any, or every one) as succeeded."""
+    _, tasks = _get(base + "/api/tasks", auth)
+    done = [h.id in (tasks or {}) and tasks[h.id]["state"] == "SUCCESS" for h in handles]
+    return bool(done) and (all(done) if every else any(done))
+
+
 @pytest.mark.engine
 def test_flower_shows_engines_and_tasks_behind_auth(
     flower: tuple[str, tuple[str, str]], workers_ab: tuple[WorkerProc, WorkerProc], app: Any
@@ -69,20 +76,23 @@ def test_flower_shows_engines_and_tasks_behind_auth(
     assert status == 401
     status, _ = _get(base + "/api/workers", ("watcher", "wrong"))
     assert status == 401
+    # Flower sees only events sent after its event receiver connected, which may come a moment
+    # after its HTTP port answers: keep sending until it has seen one task, then check a burst.
+    deadline = time.monotonic() + 90
+    probes: list[Any] = []
+    while not _seen(base, auth, probes):
+        assert time.monotonic() < deadline, "Flower never showed a task"
+        probes.append(generate.delay("probe", model="tiny", max_tokens=1))
+        probes[-1].get(timeout=120)
+        time.sleep(0.5)
     handles = [generate.delay(f"watched {i}", model="tiny", max_tokens=2) for i in range(3)]
     for h in handles:
         h.get(timeout=120)
-    deadline = time.monotonic() + 30
-    workers: dict[str, Any] = {}
-    tasks: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        _, workers = _get(base + "/api/workers?refresh=1", auth)
-        _, tasks = _get(base + "/api/tasks", auth)
-        if {"a1@test", "b1@test"} <= set(workers or {}) and {h.id for h in handles} <= set(
-            tasks or {}
-        ):
-            break
+    deadline = time.monotonic() + 60
+    while not _seen(base, auth, handles, every=True) and time.monotonic() < deadline:
         time.sleep(1)
+    _, workers = _get(base + "/api/workers?refresh=1", auth)
+    _, tasks = _get(base + "/api/tasks", auth)
     assert {"a1@test", "b1@test"} <= set(workers)
     assert {h.id for h in handles} <= set(tasks)
     assert all(tasks[h.id]["state"] == "SUCCESS" for h in handles)
