@@ -114,6 +114,30 @@ def engines(
     Console().print(table)
 
 
+@cli.command()
+def shutdown(
+    engine_ids: Annotated[list[str] | None, typer.Argument(help="Engine ids to stop.")] = None,
+    model: Annotated[str | None, typer.Option(help="Stop every engine of this model.")] = None,
+    all_engines: Annotated[bool, typer.Option("--all", help="Stop every engine.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for them to exit (0: no).")] = 300,
+) -> None:
+    """Warm-shut engines down: each finishes the requests it holds, then its worker exits."""
+    from producer.engines import select_nodes
+    from producer.engines import shutdown as shutdown_nodes
+
+    if not (engine_ids or model or all_engines):
+        raise typer.BadParameter("name engine ids, --model or --all", param_hint="engines")
+    nodes = select_nodes(list(engine_ids or []), model=model, every=all_engines)
+    if not nodes:
+        typer.echo("no live engine matches")
+        raise typer.Exit(1)
+    typer.echo(f"shutting down {', '.join(nodes)}")
+    left = shutdown_nodes(nodes, wait=wait or None)
+    if wait and left:
+        typer.echo(f"still running after {wait:.0f}s: {', '.join(left)}")
+        raise typer.Exit(1)
+
+
 @cli.command("build-tiny-model")
 def build_tiny_model(
     out: Annotated[Path | None, typer.Option(help="Target directory.")] = None,

@@ -6,6 +6,7 @@ No registry of our own: each worker answers the ``engine`` inspect command
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from producer.celery_app import app
@@ -31,3 +32,30 @@ def queue_depths(models: set[str]) -> dict[str, int]:
     with app.connection_for_read() as connection:
         client = connection.default_channel.client
         return {m: int(client.llen(model_queue(m))) for m in models}
+
+
+def select_nodes(engine_ids: list[str], *, model: str | None = None, every: bool = False,
+                 timeout: float = 1.0) -> list[str]:
+    """Node names of the live engines picked by id, by model, or all of them."""
+    engines = list_engines(timeout=timeout)
+    return sorted(
+        e["node"] for e in engines
+        if every or e["engine_id"] in engine_ids or (model is not None and e["model"] == model)
+    )
+
+
+def shutdown(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
+    """Warm-shut these engines down (Celery's ``shutdown`` control) and wait until they are
+    gone; return the nodes still answering when ``wait`` ran out (none if all stopped)."""
+    if not nodes:
+        return []
+    app.control.shutdown(destination=nodes)
+    if not wait:
+        return nodes
+    deadline = time.monotonic() + wait
+    alive = list(nodes)
+    while alive and time.monotonic() < deadline:
+        replies = app.control.ping(destination=alive, timeout=1.0) or []
+        answering = {node for reply in replies for node in reply}
+        alive = [node for node in alive if node in answering]
+    return alive

@@ -186,6 +186,17 @@ def test_worker_pinning_and_node_names(
     assert engine_info(app, a.node)["engine_id"] == "a1"
 
 
+def test_engine_health_and_stats_come_from_the_engine(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    a, _ = workers_ab
+    replies = app.control.broadcast("engine_health", destination=[a.node], reply=True,
+                                    timeout=5.0, arguments={"timeout": 3.0})
+    assert replies and replies[0][a.node]["ready"] is True
+    stats = app.control.inspect(destination=[a.node], timeout=3.0).stats()
+    assert stats[a.node]["engine"]["model"] == "tiny"  # what Flower's worker page shows
+
+
 def test_engines_listing(workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: dict[str, str],
                          app: Any) -> None:
     from producer.engines import list_engines
@@ -211,7 +222,14 @@ def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     fleet.wait_ready(app, late)
     result = handle.get(timeout=TIMEOUT)
     assert result["engine_id"] == "late1" and result["completion_tokens"] == 3
-    fleet.stop(late)
+    tree = late.tree()
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "shutdown", "--model",
+                          "tiny-late"], env=fleet.env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "late1@test" in out.stdout
+    assert late.process.wait(timeout=60) == 0
+    assert not [p for p in tree if p.is_running() and p.status() != "zombie"]
 
 
 def test_control_shutdown_stops_exactly_one_engine(

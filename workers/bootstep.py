@@ -75,6 +75,10 @@ class EngineStep(bootsteps.StartStopStep):
         )
         loader.start()
 
+    def info(self, worker: Any) -> dict[str, Any]:
+        """Merged into ``celery inspect stats``, so Flower's worker page shows the engine."""
+        return {"engine": self.runtime.describe()} if self.runtime is not None else {}
+
     def _load(self, app: Any, hostname: str) -> None:
         assert self.runtime is not None
         try:

@@ -14,3 +14,12 @@ def engine(state: Any) -> dict[str, Any] | None:
     """The engine this worker holds: model, state, GPUs and counters (None if no engine)."""
     current = runtime.current_or_none()
     return current.describe() if current is not None else None
+
+
+@inspect_command(args=[("timeout", float)], signature="[timeout=2.0]")
+def engine_health(state: Any, timeout: float = 2.0) -> dict[str, Any]:
+    """Whether this worker's engine answers (from the engine thread itself, not the worker)."""
+    current = runtime.current_or_none()
+    if current is None:
+        return {"ready": False, "state": "no engine"}
+    return current.health(timeout)

@@ -142,6 +142,12 @@ class Runtime:
             "tokens_generated": stats.tokens_generated,
         }
 
+    def health(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Readiness as the engine itself reports it: ready only if warm and answering."""
+        answered = self.state == "ready" and self.engine.ping(timeout)
+        return {"engine_id": self.engine_id, "model": self.model_id, "state": self.state,
+                "ready": bool(answered)}
+
     def close(self) -> None:
         self.state = "stopped"
         self.engine.close()

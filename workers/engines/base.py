@@ -54,5 +54,8 @@ class Engine(Protocol):
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters."""
 
+    def ping(self, timeout: float) -> bool:
+        """True if the engine itself answers within ``timeout`` seconds (alive, not hung)."""
+
     def close(self) -> None:
         """Finish what runs, free the engine's memory and processes."""

@@ -53,5 +53,8 @@ class FakeEngine:
         with self._lock:
             return EngineStats(**{k: getattr(self._stats, k) for k in EngineStats.__slots__})
 
+    def ping(self, timeout: float) -> bool:
+        return True
+
     def close(self) -> None:
         pass

@@ -46,6 +46,7 @@ class VLLMEngine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[EngineRequest, Future[EngineOutput]]] = []
         self._aborts: list[str] = []
+        self._pings: list[threading.Event] = []
         self._closing = False
         self._dead: BaseException | None = None
         self._loaded = threading.Event()
@@ -86,6 +87,16 @@ class VLLMEngine:
         with self._cond:
             s = self._stats
             return EngineStats(s.running, s.max_running, s.requests_served, s.tokens_generated)
+
+    def ping(self, timeout: float) -> bool:
+        """Answered by the engine thread between two engine steps: a dead or hung engine fails."""
+        answered = threading.Event()
+        with self._cond:
+            if self._dead is not None or self._closing or not self._loaded.is_set():
+                return False
+            self._pings.append(answered)
+            self._cond.notify()
+        return answered.wait(timeout) and self._dead is None
 
     @property
     def alive(self) -> bool:
@@ -153,11 +164,15 @@ class VLLMEngine:
         pending = self._pending
         while True:
             with self._cond:
-                while not (self._inbox or self._aborts or pending or self._closing):
+                while not (self._inbox or self._aborts or self._pings or pending
+                           or self._closing):
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                pings, self._pings = self._pings, []
                 closing = self._closing
+            for answered in pings:
+                answered.set()
             for request, future in inbox:
                 self._add(request, future, pending)
             if aborts:

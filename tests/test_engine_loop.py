@@ -1,0 +1,91 @@
+"""The vLLM engine thread's own logic (inbox, pings, failures) around a stand-in LLMEngine.
+
+The stand-in replaces only vLLM's LLMEngine object, to make a hung or dying engine happen on
+demand; the real engine runs in tests/test_fleet.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from producer.errors import EngineFailed
+from producer.settings import ModelConfig
+from workers.engines.base import EngineRequest
+
+pytest.importorskip("vllm")
+
+from workers.engines.vllm import VLLMEngine
+
+
+class StandInLLMEngine:
+    """Finishes each request one step after it was added; `step` can be made to hang or die."""
+
+    def __init__(self) -> None:
+        self.model_config = SimpleNamespace(max_model_len=64)
+        self.engine_core = SimpleNamespace(shutdown=lambda: None)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.stepping = threading.Event()
+        self.die = False
+        self.waiting: list[str] = []
+
+    def get_tokenizer(self) -> Any:
+        return SimpleNamespace(encode=lambda text, **_: list(range(len(text.split()))))
+
+    def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
+        self.waiting.append(request_id)
+
+    def step(self) -> list[Any]:
+        self.stepping.set()
+        self.gate.wait()
+        if self.die:
+            raise RuntimeError("engine core died")
+        done, self.waiting = self.waiting, []
+        out = SimpleNamespace(text="ok", finish_reason="length", token_ids=[1])
+        return [SimpleNamespace(request_id=r, finished=True, outputs=[out]) for r in done]
+
+
+@pytest.fixture
+def engine() -> Any:
+    stand_in = StandInLLMEngine()
+    eng = VLLMEngine("m", ModelConfig(model="unused"), tensor_parallel_size=1)
+    eng._build = lambda: stand_in  # type: ignore[method-assign]
+    eng.start()
+    yield eng, stand_in
+    stand_in.gate.set()
+    eng.close()
+
+
+def _request(i: int) -> EngineRequest:
+    return EngineRequest(f"r{i}", {"max_tokens": 1}, prompt=f"word {i}")
+
+
+def test_ping_tells_a_hung_engine_from_a_live_one(engine: Any) -> None:
+    eng, stand_in = engine
+    assert eng.ping(2.0)
+    stand_in.gate.clear()  # the next step hangs
+    stand_in.stepping.clear()
+    future = eng.submit([_request(1)])[0]
+    assert stand_in.stepping.wait(30)
+    assert not eng.ping(0.5)
+    stand_in.gate.set()
+    assert future.result(timeout=5).text == "ok"
+    assert eng.ping(2.0)
+
+
+def test_a_dying_engine_fails_every_waiting_request_and_reports_not_ready(engine: Any) -> None:
+    eng, stand_in = engine
+    stand_in.gate.clear()
+    futures = eng.submit([_request(1), _request(2)])
+    stand_in.die = True
+    stand_in.gate.set()
+    for future in futures:
+        with pytest.raises(EngineFailed, match="died"):
+            future.result(timeout=5)
+    assert not eng.ping(0.5)
+    with pytest.raises(EngineFailed):
+        eng.submit([_request(3)])[0].result(timeout=5)
