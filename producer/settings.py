@@ -58,6 +58,9 @@ class ModelConfig(BaseModel):
     """Run code shipped with the model. Off unless you trust the model's source."""
     seed: int = 0
     """Engine seed, for requests that carry no seed of their own."""
+    idle_unload_s: float | None = Field(default=None, gt=0)
+    """Seconds with no request in flight and an empty model queue after which the worker
+    releases the engine (a full unload; the next request reloads it). None: never."""
     max_tokens_cap: int = Field(default=4096, ge=1)
     """Largest max_tokens a request may ask of this model."""
     defaults: Sampling = Field(default_factory=Sampling)

@@ -30,6 +30,14 @@ max_num_seqs = 256
 [models.tiny-b.defaults]
 max_tokens = 5
 
+[models.tiny-idle]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+idle_unload_s = 2
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

@@ -232,6 +232,26 @@ def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     assert not [p for p in tree if p.is_running() and p.status() != "zombie"]
 
 
+def test_idle_unload_and_transparent_reload(
+    workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any
+) -> None:
+    idle = fleet.start("tiny-idle", "idle1")
+    fleet.wait_ready(app, idle)
+    first = generate.delay("before", model="tiny-idle", max_tokens=3, temperature=0.0)
+    assert first.get(timeout=TIMEOUT)["completion_tokens"] == 3
+    deadline = time.monotonic() + 60
+    while (info := engine_info(app, idle.node))["state"] != "idle-unloaded":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+    loads = info["loads"]
+    again = generate.delay("before", model="tiny-idle", max_tokens=3, temperature=0.0)
+    result = again.get(timeout=TIMEOUT)
+    assert result["text"] == first.get()["text"]  # same engine settings, same greedy answer
+    assert engine_info(app, idle.node)["loads"] == loads + 1  # reloaded once, for this task
+    assert not [p for p in idle.tree()[1:] if p.is_running()]  # in-process engine, no child
+    fleet.stop(idle)
+
+
 def test_control_shutdown_stops_exactly_one_engine(
     workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any
 ) -> None:

@@ -55,3 +55,16 @@ def test_many_request_items_fail_alone() -> None:
     assert "max_tokens" in out[1]["error"]["message"]
     assert out[2]["error"]["type"] == "InvalidRequest" and "prompt" in out[2]["error"]["message"]
     assert "ok" in out[3]
+
+
+def test_idle_unload_then_the_next_request_reloads() -> None:
+    runtime = _runtime(idle_unload_s=1)
+    kwargs = {"prompt": "a", "model": "m", "max_tokens": 1}
+    runtime.handle(GenerateRequest, "t1", kwargs)
+    assert not runtime.unload_if_idle(3600, lambda: 0)  # not idle long enough
+    assert not runtime.unload_if_idle(0, lambda: 1)  # work is waiting in the queue
+    assert runtime.unload_if_idle(0, lambda: 0)
+    assert runtime.describe()["state"] == "idle-unloaded"
+    assert runtime.health()["ready"] is False
+    assert runtime.handle(GenerateRequest, "t2", kwargs)["completion_tokens"] == 1
+    assert runtime.describe()["state"] == "ready" and runtime.loads == 2

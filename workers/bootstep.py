@@ -18,9 +18,11 @@ from typing import Any
 from celery import bootsteps, signals
 
 from producer import naming
+from producer.engines import queue_depths
 from producer.settings import TINY_MODEL_ID, get_settings
 from workers import runtime as runtime_mod
 from workers.cpu import request_amx
+from workers.idle import IdleUnloader
 from workers.pinning import parse_gpus, pin_gpus
 from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
@@ -44,6 +46,7 @@ class EngineStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.enabled = model is not None
         self.runtime: Runtime | None = None
+        self.unloader: IdleUnloader | None = None
         self.failed = False
         self._consumer_ready = threading.Event()
         if not self.enabled or model is None:
@@ -90,14 +93,22 @@ class EngineStep(bootsteps.StartStopStep):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self._consumer_ready.wait()
-        queue = naming.model_queue(self.runtime.model_id)
+        model = self.runtime.model_id
+        queue = naming.model_queue(model)
         app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=30)
         log.info("%s consuming %s", hostname, queue)
+        idle_s = self.runtime.config.idle_unload_s
+        if idle_s:
+            self.unloader = IdleUnloader(self.runtime, idle_s,
+                                         lambda: queue_depths({model})[model])
+            self.unloader.start()
 
     def _on_consumer_ready(self, **_: Any) -> None:
         self._consumer_ready.set()
 
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self.unloader is not None:
+            self.unloader.stop()
         if self.runtime is not None:
             self.runtime.close()
         if self.failed and sender is not None:

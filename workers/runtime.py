@@ -10,9 +10,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from producer.errors import FleetError, InvalidRequest, NoEngine, UnknownModel
+from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
 from producer.schema import ChatRequest, GenerateRequest, ManyRequest, Sampling, parse
 from producer.settings import ModelConfig
 from producer.tasks import ManyTask, install_executor
@@ -36,10 +38,14 @@ class Runtime:
         self.gpus = gpus
         self.state = "loading"
         self.started_at = time.time()
-        self.engine: Engine = build_engine(
-            model_id, config, tensor_parallel_size=config.tensor_parallel_size or len(gpus) or 1
-        )
+        self.loads = 0
+        self.last_active = time.monotonic()
+        self._tp = config.tensor_parallel_size or len(gpus) or 1
+        self.engine: Engine = build_engine(model_id, config, tensor_parallel_size=self._tp)
         self._ready = threading.Event()
+        self._lock = threading.Lock()  # state and requests in flight
+        self._load_lock = threading.Lock()  # one reload at a time
+        self._inflight = 0
 
     def load(self) -> None:
         """Start the engine and answer one warmup request; raise if either fails."""
@@ -47,6 +53,8 @@ class Runtime:
         self.engine.start()
         warm = EngineRequest("warmup", {"max_tokens": 1, "temperature": 0.0}, prompt="warm up")
         self.engine.submit([warm])[0].result(timeout=WARMUP_TIMEOUT_S)
+        self.loads += 1
+        self.last_active = time.monotonic()
         self.state = "ready"
         self._ready.set()
         log.info("engine %s (%s) ready in %.1fs", self.engine_id, self.model_id,
@@ -55,12 +63,56 @@ class Runtime:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    @contextmanager
+    def _serving(self) -> Iterator[Engine]:
+        """The engine, loaded (reloaded after an idle unload), while a request uses it."""
+        with self._lock:
+            self._inflight += 1
+            unloaded = self.state == "idle-unloaded"
+        try:
+            if unloaded:
+                self._reload()
+            elif not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
+                raise NoEngine(f"engine {self.engine_id!r} did not become ready")
+            yield self.engine
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self.last_active = time.monotonic()
+
+    def _reload(self) -> None:
+        with self._load_lock:
+            if self.state != "idle-unloaded":
+                return
+            self.state = "loading"
+            try:
+                self.engine = build_engine(self.model_id, self.config,
+                                           tensor_parallel_size=self._tp)
+                self.load()
+            except BaseException as e:
+                self.state = "failed"
+                raise EngineFailed(f"engine {self.engine_id!r} failed to reload: {e}") from e
+
+    def unload_if_idle(self, idle_s: float, queue_depth: Callable[[], int]) -> bool:
+        """Release the engine if nothing ran for ``idle_s`` seconds and its queue is empty."""
+        with self._lock:
+            if (self.state != "ready" or self._inflight
+                    or time.monotonic() - self.last_active < idle_s or queue_depth() > 0):
+                return False
+            self.state = "unloading"
+            self._ready.clear()
+            self.engine.close()
+            self.state = "idle-unloaded"
+        log.info("engine %s (%s) unloaded after %.0fs idle", self.engine_id, self.model_id,
+                 idle_s)
+        return True
+
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                kwargs: dict[str, Any]) -> dict[str, Any]:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
         request = self._engine_request(parse(schema, kwargs), task_id)
-        self._check_ready()
-        return self._completion(self.engine.submit([request])[0].result())
+        with self._serving() as engine:
+            return self._completion(engine.submit([request])[0].result())
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,16 +127,16 @@ class Runtime:
                 outcomes.append(None)
             except FleetError as e:
                 outcomes.append(e)
-        self._check_ready()
-        futures = iter(self.engine.submit(valid))
-        results = []
-        for outcome in outcomes:
-            if outcome is None:
-                try:
-                    outcome = self._completion(next(futures).result())
-                except FleetError as e:
-                    outcome = e
-            results.append(item_result(outcome))
+        with self._serving() as engine:
+            futures = iter(engine.submit(valid))
+            results = []
+            for outcome in outcomes:
+                if outcome is None:
+                    try:
+                        outcome = self._completion(next(futures).result())
+                    except FleetError as e:
+                        outcome = e
+                results.append(item_result(outcome))
         return results
 
     def _engine_request(self, request: GenerateRequest | ChatRequest,
@@ -97,10 +149,6 @@ class Runtime:
             messages = [m.model_dump() for m in request.messages]
             return EngineRequest(request_id, self._sampling(request), messages=messages)
         return EngineRequest(request_id, self._sampling(request), prompt=request.prompt)
-
-    def _check_ready(self) -> None:
-        if not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
-            raise NoEngine(f"engine {self.engine_id!r} did not become ready")
 
     def _completion(self, out: EngineOutput) -> dict[str, Any]:
         return {
@@ -136,6 +184,9 @@ class Runtime:
             "gpus": self.gpus,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "uptime_s": round(time.time() - self.started_at, 3),
+            "loads": self.loads,
+            "idle_unload_s": self.config.idle_unload_s,
+            "in_flight": self._inflight,
             "running": stats.running,
             "max_running": stats.max_running,
             "requests_served": stats.requests_served,
