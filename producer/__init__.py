@@ -18,7 +18,7 @@ from producer.errors import (
     UnknownModel,
 )
 from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
-from producer.tasks import chat, chat_many, generate, generate_many
+from producer.tasks import chat, chat_many, engine_status, generate, generate_many, warmup
 
 __all__ = [
     "ChatMessage",
@@ -37,6 +37,8 @@ __all__ = [
     "app",
     "chat",
     "chat_many",
+    "engine_status",
     "generate",
     "generate_many",
+    "warmup",
 ]

@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -114,16 +114,33 @@ def engines(
     Console().print(table)
 
 
+EngineIds = Annotated[list[str] | None, typer.Argument(help="Engine ids.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Every engine of this model.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every engine of the fleet.")]
+WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for them to exit (0: no).")]
+
+
 @cli.command()
-def shutdown(
-    engine_ids: Annotated[list[str] | None, typer.Argument(help="Engine ids to stop.")] = None,
-    model: Annotated[str | None, typer.Option(help="Stop every engine of this model.")] = None,
-    all_engines: Annotated[bool, typer.Option("--all", help="Stop every engine.")] = False,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for them to exit (0: no).")] = 300,
-) -> None:
+def shutdown(engine_ids: EngineIds = None, model: ModelOpt = None, all_engines: AllOpt = False,
+             wait: WaitOpt = 300) -> None:
     """Warm-shut engines down: each finishes the requests it holds, then its worker exits."""
-    from producer.engines import select_nodes
     from producer.engines import shutdown as shutdown_nodes
+
+    _stop_engines("shutting down", shutdown_nodes, engine_ids, model, all_engines, wait)
+
+
+@cli.command()
+def drain(engine_ids: EngineIds = None, model: ModelOpt = None, all_engines: AllOpt = False,
+          wait: WaitOpt = 300) -> None:
+    """Stop engines taking tasks, finish every task they already took, then exit."""
+    from producer.engines import drain as drain_nodes
+
+    _stop_engines("draining", drain_nodes, engine_ids, model, all_engines, wait)
+
+
+def _stop_engines(verb: str, stop: Any, engine_ids: list[str] | None, model: str | None,
+                  all_engines: bool, wait: float) -> None:
+    from producer.engines import select_nodes
 
     if not (engine_ids or model or all_engines):
         raise typer.BadParameter("name engine ids, --model or --all", param_hint="engines")
@@ -131,8 +148,8 @@ def shutdown(
     if not nodes:
         typer.echo("no live engine matches")
         raise typer.Exit(1)
-    typer.echo(f"shutting down {', '.join(nodes)}")
-    left = shutdown_nodes(nodes, wait=wait or None)
+    typer.echo(f"{verb} {', '.join(nodes)}")
+    left = stop(nodes, wait=wait or None)
     if wait and left:
         typer.echo(f"still running after {wait:.0f}s: {', '.join(left)}")
         raise typer.Exit(1)

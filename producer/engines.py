@@ -59,3 +59,20 @@ def shutdown(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
         answering = {node for reply in replies for node in reply}
         alive = [node for node in alive if node in answering]
     return alive
+
+
+def drain(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
+    """Stop these engines consuming, let them finish every task they already took, then shut
+    them down; return the nodes still answering when ``wait`` ran out."""
+    models = {e["node"]: e["model"] for e in list_engines()}
+    for node in nodes:
+        if node in models:
+            app.control.cancel_consumer(model_queue(models[node]), destination=[node],
+                                        reply=True, timeout=5.0)
+    deadline = time.monotonic() + (wait or 0)
+    busy = set(nodes)
+    while busy and time.monotonic() < deadline:
+        inspect = app.control.inspect(destination=sorted(busy), timeout=1.0)
+        active, reserved = inspect.active() or {}, inspect.reserved() or {}
+        busy = {n for n in busy if active.get(n) or reserved.get(n)}
+    return shutdown(nodes, wait=wait)

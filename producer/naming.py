@@ -19,6 +19,8 @@ GENERATE_TASK = "fleet.generate"
 CHAT_TASK = "fleet.chat"
 GENERATE_MANY_TASK = "fleet.generate_many"
 CHAT_MANY_TASK = "fleet.chat_many"
+WARMUP_TASK = "fleet.warmup"
+ENGINE_STATUS_TASK = "fleet.engine_status"
 
 MODEL_QUEUE_PREFIX = "fleet.model."
 ENGINE_QUEUE_PREFIX = "fleet.engine."

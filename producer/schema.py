@@ -98,6 +98,20 @@ class ManyRequest(_Frozen):
     """Id of the model (and so of the queue) that serves every request."""
 
 
+class WarmupRequest(_Frozen):
+    """Make sure an engine of a model is loaded and warm (task ``fleet.warmup``)."""
+
+    model: ModelId
+    """The model; whichever of its engines takes the task loads itself if it was unloaded."""
+
+
+class StatusRequest(_Frozen):
+    """Report one engine's status (task ``fleet.engine_status``, on that engine's own queue)."""
+
+    engine_id: ModelId
+    """The engine to ask."""
+
+
 class ItemError(_Frozen):
     """Why one item of a many-request failed."""
 
@@ -135,7 +149,7 @@ class ItemResult(_Frozen):
     """The error, if it failed."""
 
 
-RequestT = TypeVar("RequestT", bound=_Frozen)
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 def parse(schema: type[RequestT], data: dict[str, Any]) -> RequestT:

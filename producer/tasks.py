@@ -12,17 +12,28 @@ from typing import Any, ClassVar
 
 from celery import Task
 from celery.result import AsyncResult
+from pydantic import BaseModel
 
 from producer import naming
 from producer.celery_app import app
 from producer.errors import InvalidRequest
-from producer.schema import ChatRequest, GenerateRequest, ManyRequest, Sampling, parse, to_wire
+from producer.schema import (
+    ChatRequest,
+    GenerateRequest,
+    ManyRequest,
+    StatusRequest,
+    WarmupRequest,
+    parse,
+    to_wire,
+)
 
 
 class ModelTask(Task):
     """A task for one model: the call is validated, then sent to ``fleet.model.<model>``."""
 
-    schema: ClassVar[type[Sampling] | type[ManyRequest]]
+    schema: ClassVar[type[BaseModel]]
+    #: What the worker does with it (see ``workers.runtime.execute``).
+    action: ClassVar[str] = "serve"
     #: Names of the positional arguments, in order (the rest are keyword-only).
     positional: ClassVar[tuple[str, ...]]
     typing = False  # the schema checks the signature, with clearer errors
@@ -49,7 +60,8 @@ class ModelTask(Task):
 
     def send(self, request: Any, **options: Any) -> AsyncResult:
         """Enqueue an already validated request on its model's queue."""
-        options.setdefault("queue", naming.model_queue(request.model))
+        if "queue" not in options:
+            options["queue"] = naming.model_queue(request.model)
         return super().apply_async((), to_wire(request), **options)
 
     def execute(self, kwargs: dict[str, Any]) -> Any:
@@ -77,6 +89,7 @@ class ManyTask(ModelTask):
 
     schema = ManyRequest
     positional = ("requests",)
+    action = "serve_many"
     item_schema: ClassVar[type[GenerateRequest] | type[ChatRequest]]
 
     def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ManyRequest:
@@ -101,6 +114,26 @@ class ChatManyTask(ManyTask):
     """``chat_many.delay([{"messages": [...]}, ...], model=...)``: answer many conversations."""
 
     item_schema = ChatRequest
+
+
+class WarmupTask(ModelTask):
+    """``warmup.delay(model)``: an engine of the model loads (if idle-unloaded) and reports."""
+
+    schema = WarmupRequest
+    positional = ("model",)
+    action = "warmup"
+
+
+class EngineStatusTask(ModelTask):
+    """``engine_status.delay(engine_id)``: that engine reports its status, via its own queue."""
+
+    schema = StatusRequest
+    positional = ("engine_id",)
+    action = "status"
+
+    def send(self, request: Any, **options: Any) -> AsyncResult:
+        options.setdefault("queue", naming.engine_queue(request.engine_id))
+        return super().send(request, **options)
 
 
 def item_wire(request: GenerateRequest | ChatRequest) -> dict[str, Any]:
@@ -141,4 +174,16 @@ def generate_many(self: GenerateManyTask, **kwargs: Any) -> Any:
 @app.task(base=ChatManyTask, bind=True, name=naming.CHAT_MANY_TASK)
 def chat_many(self: ChatManyTask, **kwargs: Any) -> Any:
     """Answer many conversations in one message; a list of ItemResult, in order."""
+    return self.execute(kwargs)
+
+
+@app.task(base=WarmupTask, bind=True, name=naming.WARMUP_TASK)
+def warmup(self: WarmupTask, **kwargs: Any) -> Any:
+    """Load and warm an engine of the model; its health report."""
+    return self.execute(kwargs)
+
+
+@app.task(base=EngineStatusTask, bind=True, name=naming.ENGINE_STATUS_TASK)
+def engine_status(self: EngineStatusTask, **kwargs: Any) -> Any:
+    """One engine's status, as ``fleet engines`` shows it."""
     return self.execute(kwargs)

@@ -197,6 +197,19 @@ def test_engine_health_and_stats_come_from_the_engine(
     assert stats[a.node]["engine"]["model"] == "tiny"  # what Flower's worker page shows
 
 
+def test_lifecycle_tasks_through_the_result_backend(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any
+) -> None:
+    from producer import InvalidRequest, engine_status, warmup
+
+    report = warmup.delay("tiny").get(timeout=TIMEOUT)
+    assert report == {"engine_id": "a1", "model": "tiny", "state": "ready", "ready": True}
+    status = engine_status.delay("b1").get(timeout=TIMEOUT)
+    assert status["model"] == "tiny-b" and status["gpus"] == ["0"]
+    with pytest.raises(InvalidRequest, match="engine_id"):
+        engine_status.delay("bad id")
+
+
 def test_engines_listing(workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: dict[str, str],
                          app: Any) -> None:
     from producer.engines import list_engines
@@ -232,8 +245,8 @@ def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     assert not [p for p in tree if p.is_running() and p.status() != "zombie"]
 
 
-def test_idle_unload_and_transparent_reload(
-    workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any
+def test_idle_unload_reload_and_drain(
+    workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any, redis_client: Any
 ) -> None:
     idle = fleet.start("tiny-idle", "idle1")
     fleet.wait_ready(app, idle)
@@ -249,7 +262,18 @@ def test_idle_unload_and_transparent_reload(
     assert result["text"] == first.get()["text"]  # same engine settings, same greedy answer
     assert engine_info(app, idle.node)["loads"] == loads + 1  # reloaded once, for this task
     assert not [p for p in idle.tree()[1:] if p.is_running()]  # in-process engine, no child
-    fleet.stop(idle)
+    # drain: stop taking tasks, finish those taken, exit; the rest wait in the queue
+    burst = [generate.delay(f"drain {i}", model="tiny-idle", max_tokens=48) for i in range(20)]
+    time.sleep(0.5)
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "drain", "idle1"],
+                         env=fleet.env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert idle.process.wait(timeout=60) == 0
+    done = [h for h in burst if h.ready()]
+    assert done  # it had taken work, and finished it before exiting
+    assert all(h.get()["engine_id"] == "idle1" for h in done)
+    assert len(done) + redis_client.llen("fleet.model.tiny-idle") == 20  # nothing lost
+    redis_client.delete("fleet.model.tiny-idle")
 
 
 def test_control_shutdown_stops_exactly_one_engine(

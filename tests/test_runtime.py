@@ -68,3 +68,26 @@ def test_idle_unload_then_the_next_request_reloads() -> None:
     assert runtime.health()["ready"] is False
     assert runtime.handle(GenerateRequest, "t2", kwargs)["completion_tokens"] == 1
     assert runtime.describe()["state"] == "ready" and runtime.loads == 2
+
+
+def test_lifecycle_actions_reload_and_report() -> None:
+    from producer.errors import UnknownModel as Unknown
+    from workers.runtime import execute as run_task
+    from workers.runtime import install
+
+    runtime = _runtime()
+    assert runtime.unload_if_idle(0, lambda: 0)
+    install(runtime)
+    try:
+        from types import SimpleNamespace
+
+        from producer.tasks import engine_status, warmup
+
+        report = run_task(SimpleNamespace(action=warmup.action), {"model": "m"})
+        assert report["ready"] is True and runtime.loads == 2
+        status = run_task(SimpleNamespace(action=engine_status.action), {"engine_id": "e1"})
+        assert status["engine_id"] == "e1" and status["state"] == "ready"
+        with pytest.raises(Unknown):
+            run_task(SimpleNamespace(action=engine_status.action), {"engine_id": "zz"})
+    finally:
+        install(None)

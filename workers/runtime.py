@@ -15,9 +15,17 @@ from contextlib import contextmanager
 from typing import Any
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
-from producer.schema import ChatRequest, GenerateRequest, ManyRequest, Sampling, parse
+from producer.schema import (
+    ChatRequest,
+    GenerateRequest,
+    ManyRequest,
+    Sampling,
+    StatusRequest,
+    WarmupRequest,
+    parse,
+)
 from producer.settings import ModelConfig
-from producer.tasks import ManyTask, install_executor
+from producer.tasks import install_executor
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
@@ -193,6 +201,19 @@ class Runtime:
             "tokens_generated": stats.tokens_generated,
         }
 
+    def warmup(self, model: str) -> dict[str, Any]:
+        """Load the engine if it was unloaded; report whether it answers."""
+        if model != self.model_id:
+            raise UnknownModel(f"model: engine {self.engine_id!r} serves {self.model_id!r}")
+        with self._serving():
+            pass
+        return self.health()
+
+    def status(self, engine_id: str) -> dict[str, Any]:
+        if engine_id != self.engine_id:
+            raise UnknownModel(f"engine_id: this is engine {self.engine_id!r}, not {engine_id!r}")
+        return self.describe()
+
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
         """Readiness as the engine itself reports it: ready only if warm and answering."""
         answered = self.state == "ready" and self.engine.ping(timeout)
@@ -223,9 +244,14 @@ def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
 
 def execute(task: Any, kwargs: dict[str, Any]) -> Any:
     """The body of every fleet task in a worker: serve it on this process's engine."""
-    if isinstance(task, ManyTask):
-        return current().handle_many(task.item_schema, task.request.id, kwargs)
-    return current().handle(task.schema, task.request.id, kwargs)
+    runtime = current()
+    if task.action == "serve_many":
+        return runtime.handle_many(task.item_schema, task.request.id, kwargs)
+    if task.action == "warmup":
+        return runtime.warmup(parse(WarmupRequest, kwargs).model)
+    if task.action == "status":
+        return runtime.status(parse(StatusRequest, kwargs).engine_id)
+    return runtime.handle(task.schema, task.request.id, kwargs)
 
 
 def current_or_none() -> Runtime | None:
