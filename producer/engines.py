@@ -64,11 +64,7 @@ def shutdown(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
 def drain(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
     """Stop these engines consuming, let them finish every task they already took, then shut
     them down; return the nodes still answering when ``wait`` ran out."""
-    models = {e["node"]: e["model"] for e in list_engines()}
-    for node in nodes:
-        if node in models:
-            app.control.cancel_consumer(model_queue(models[node]), destination=[node],
-                                        reply=True, timeout=5.0)
+    app.control.broadcast("engine_drain", destination=nodes, reply=True, timeout=5.0)
     deadline = time.monotonic() + (wait or 0)
     busy = set(nodes)
     while busy and time.monotonic() < deadline:

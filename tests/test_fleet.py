@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -214,8 +215,16 @@ def test_engines_listing(workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: d
                          app: Any) -> None:
     from producer.engines import list_engines
 
+    burst = [generate.delay(f"listed {i}", model="tiny", max_tokens=64) for i in range(120)]
+    time.sleep(0.3)
+    during = {e["engine_id"]: e for e in list_engines(timeout=2.0)}
+    assert during["a1"]["in_flight"] + during["a1"]["queue_depth"] > 0  # seen under load
+    for h in burst:
+        h.get(timeout=TIMEOUT)
     engines = {e["engine_id"]: e for e in list_engines(timeout=2.0)}
     assert {"a1", "b1"} <= set(engines)
+    assert engines["a1"]["requests_served"] >= during["a1"]["requests_served"] + 120
+    assert engines["a1"]["in_flight"] == 0
     assert engines["b1"]["model"] == "tiny-b" and engines["b1"]["node"] == "b1@test"
     assert engines["a1"]["state"] == "ready" and engines["a1"]["queue_depth"] == 0
     out = subprocess.run([sys.executable, "-m", "producer.cli", "engines", "--json",
@@ -263,16 +272,28 @@ def test_idle_unload_reload_and_drain(
     assert engine_info(app, idle.node)["loads"] == loads + 1  # reloaded once, for this task
     assert not [p for p in idle.tree()[1:] if p.is_running()]  # in-process engine, no child
     # drain: stop taking tasks, finish those taken, exit; the rest wait in the queue
-    burst = [generate.delay(f"drain {i}", model="tiny-idle", max_tokens=48) for i in range(20)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer.engines import drain
+
+    burst = [generate.delay(f"drain {i}", model="tiny-idle", max_tokens=480) for i in range(200)]
     time.sleep(0.5)
-    out = subprocess.run([sys.executable, "-m", "producer.cli", "drain", "idle1"],
-                         env=fleet.env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    tree = idle.tree()
+    states = set()
+    with ThreadPoolExecutor(1) as pool:
+        draining = pool.submit(drain, [idle.node], wait=300)
+        while not draining.done():
+            with contextlib.suppress(LookupError):
+                states.add(engine_info(app, idle.node)["state"])
+            time.sleep(0.1)
+        assert draining.result() == []  # it exited in time
     assert idle.process.wait(timeout=60) == 0
+    assert "draining" in states  # the listing shows it
+    assert not [p for p in tree if p.is_running() and p.status() != "zombie"]
     done = [h for h in burst if h.ready()]
     assert done  # it had taken work, and finished it before exiting
     assert all(h.get()["engine_id"] == "idle1" for h in done)
-    assert len(done) + redis_client.llen("fleet.model.tiny-idle") == 20  # nothing lost
+    assert len(done) + redis_client.llen("fleet.model.tiny-idle") == len(burst)  # none lost
     redis_client.delete("fleet.model.tiny-idle")
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 
+from producer.naming import model_queue
 from workers import runtime
 
 
@@ -23,3 +24,15 @@ def engine_health(state: Any, timeout: float = 2.0) -> dict[str, Any]:
     if current is None:
         return {"ready": False, "state": "no engine"}
     return current.health(timeout)
+
+
+@control_command()
+def engine_drain(state: Any) -> dict[str, Any]:
+    """Stop taking tasks from the model queue; tasks already taken finish (state: draining)."""
+    current = runtime.current_or_none()
+    if current is None:
+        return {"ok": False, "state": "no engine"}
+    current.state = "draining"
+    # Control commands run on the consumer's thread, where touching the consumer is safe.
+    state.consumer.cancel_task_queue(model_queue(current.model_id))
+    return {"ok": True, "state": current.state}
