@@ -94,5 +94,6 @@ def test_flower_shows_engines_and_tasks_behind_auth(
     _, workers = _get(base + "/api/workers?refresh=1", auth)
     _, tasks = _get(base + "/api/tasks", auth)
     assert {"a1@test", "b1@test"} <= set(workers)
+    assert workers["a1@test"]["stats"]["engine"]["model"] == "tiny"  # the worker page's stats
     assert {h.id for h in handles} <= set(tasks)
     assert all(tasks[h.id]["state"] == "SUCCESS" for h in handles)
