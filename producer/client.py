@@ -188,7 +188,7 @@ def _wants_progress(progress: bool | None, n: int) -> bool:
 
 
 class _progress_bar:
-    """A rich progress bar on stderr; yields a callable that advances it by one."""
+    """A rich progress bar on stderr; yields a callable that advances it by n items."""
 
     def __init__(self, total: int) -> None:
         from rich.progress import Progress

@@ -12,6 +12,8 @@ from typing import Any
 from producer.celery_app import app
 from producer.naming import model_queue
 
+POLL_S = 0.2
+
 
 def list_engines(model: str | None = None, *, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Every engine that answered within ``timeout``, with its node and its model's queue depth."""
@@ -58,6 +60,8 @@ def shutdown(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
         replies = app.control.ping(destination=alive, timeout=1.0) or []
         answering = {node for reply in replies for node in reply}
         alive = [node for node in alive if node in answering]
+        if alive:
+            time.sleep(POLL_S)  # replies come back at once: do not hammer the broker
     return alive
 
 
@@ -71,4 +75,6 @@ def drain(nodes: list[str], *, wait: float | None = 300.0) -> list[str]:
         inspect = app.control.inspect(destination=sorted(busy), timeout=1.0)
         active, reserved = inspect.active() or {}, inspect.reserved() or {}
         busy = {n for n in busy if active.get(n) or reserved.get(n)}
+        if busy:
+            time.sleep(POLL_S)
     return shutdown(nodes, wait=wait)

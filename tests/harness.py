@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ class WorkerProc:
     engine_id: str
     process: subprocess.Popen[bytes]
     log_path: Path
-    descendants: list[int] = field(default_factory=list)
 
     @property
     def node(self) -> str:
@@ -75,7 +74,6 @@ class Fleet:
             queues = app.control.inspect(destination=list(waiting), timeout=1.0).active_queues()
             for node, qs in (queues or {}).items():
                 if f"fleet.model.{waiting[node].model}" in {q["name"] for q in qs}:
-                    waiting[node].descendants = [p.pid for p in waiting[node].tree()[1:]]
                     del waiting[node]
             time.sleep(0.5)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -36,7 +36,6 @@ class EngineStats:
     max_running: int = 0
     requests_served: int = 0
     tokens_generated: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -97,10 +96,6 @@ class VLLMEngine:
             self._pings.append(answered)
             self._cond.notify()
         return answered.wait(timeout) and self._dead is None
-
-    @property
-    def alive(self) -> bool:
-        return self._loaded.is_set() and self._dead is None and not self._closing
 
     def close(self) -> None:
         with self._cond:
@@ -280,4 +275,3 @@ class VLLMEngine:
                 log.exception("engine core shutdown failed")
         del engine
         gc.collect()
-        self._stats.extra["closed_at"] = time.time()
