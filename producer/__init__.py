@@ -8,6 +8,7 @@ Imports neither vLLM nor torch.
 
 from producer.celery_app import app
 from producer.errors import (
+    DeadLettered,
     EngineFailed,
     FleetError,
     FleetUnavailable,
@@ -15,6 +16,7 @@ from producer.errors import (
     NoEngine,
     PromptTooLong,
     RequestRejected,
+    RequestTooLarge,
     UnknownModel,
 )
 from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
@@ -24,6 +26,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "Completion",
+    "DeadLettered",
     "EngineFailed",
     "FleetError",
     "FleetUnavailable",
@@ -32,6 +35,7 @@ __all__ = [
     "NoEngine",
     "PromptTooLong",
     "RequestRejected",
+    "RequestTooLarge",
     "Sampling",
     "UnknownModel",
     "app",

@@ -6,6 +6,7 @@ module reads no environment and opens no connection.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -15,9 +16,18 @@ from producer.settings import FleetSettings, get_settings
 
 def celery_config(settings: FleetSettings) -> dict[str, Any]:
     """Celery settings of the fleet, derived from the fleet settings."""
-    transport = {"visibility_timeout": settings.visibility_timeout}
-    return {
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Workers sweep for the tasks of dead workers this often, scanning on every sweep
+        # (kombu's default scans every 10th of 10 s ticks), so recovery takes about
+        # visibility_timeout plus one sweep.
+        "unacked_restore_interval": restore_interval(settings.visibility_timeout),
+        "unacked_restore_throttle": 1,
+    }
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
+        # Kombu's Redis transport, refusing malformed messages instead of dying on them.
+        "broker_transport": "producer.transport:Transport",
         "result_backend": settings.backend_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
@@ -28,7 +38,7 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "event_serializer": "json",
         # At-least-once: a task is acknowledged after it ran; if its worker dies, Redis hands it
-        # to another one after the visibility timeout.
+        # to another one after the visibility timeout (see workers/lease.py).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # A threads-pool worker takes only as many tasks as it has threads: the rest stay on the
@@ -36,9 +46,35 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "result_expires": settings.result_expires,
         "broker_connection_retry_on_startup": True,
+        # Workers reconnect to a restarted Redis for as long as it takes.
+        "broker_connection_max_retries": None,
+        # A producer retries a publish for about 3 s, then raises kombu's OperationalError.
+        "task_publish_retry_policy": {"max_retries": 6, "interval_start": 0.1,
+                                      "interval_step": 0.5, "interval_max": 1.0},
+        # A worker whose result write meets a Redis restart retries instead of losing the
+        # result (and so the task, which it acknowledges right after).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 60,
+        "result_backend_max_sleep_between_retries_ms": 2_000,
         "worker_hijack_root_logger": False,
         "task_default_queue": "fleet.default",
     }
+    # rediss:// without ssl_* query parameters: verify the server's certificate against the
+    # system's CAs (kombu and Celery would otherwise default to not verifying it at all).
+    if _tls_without_options(settings.broker_url):
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if _tls_without_options(settings.backend_url):
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def _tls_without_options(url: str) -> bool:
+    return url.startswith("rediss://") and "ssl_cert_reqs" not in url
+
+
+def restore_interval(visibility_timeout: int) -> int:
+    """Seconds between two sweeps for the unacknowledged tasks of dead workers."""
+    return max(1, min(10, visibility_timeout // 4))
 
 
 app = Celery("vllm_fleet")

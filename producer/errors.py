@@ -4,7 +4,9 @@
     ├── RequestRejected        fix the request; retrying it unchanged fails the same way
     │   ├── InvalidRequest     a parameter is out of range, of the wrong type or unknown
     │   ├── PromptTooLong      the prompt does not fit the model's context
-    │   └── UnknownModel       no such model in the fleet configuration
+    │   ├── UnknownModel       no such model in the fleet configuration
+    │   ├── RequestTooLarge    the task message is above the size limit
+    │   └── DeadLettered       the task killed or lost its worker max_deliveries times
     └── FleetUnavailable       try again later; the request itself is fine
         ├── NoEngine           no engine serves the model right now
         └── EngineFailed       the engine failed while serving the request
@@ -33,6 +35,14 @@ class PromptTooLong(RequestRejected):
 
 class UnknownModel(RequestRejected):
     """The model id is not in the fleet configuration."""
+
+
+class RequestTooLarge(RequestRejected):
+    """The request's message is larger than ``max_message_bytes``."""
+
+
+class DeadLettered(RequestRejected):
+    """The task was delivered ``max_deliveries`` times without finishing; it will not run."""
 
 
 class FleetUnavailable(FleetError):

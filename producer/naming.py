@@ -6,6 +6,9 @@ Queues (one Redis list each, named exactly like the queue):
                               model consumes it, so engines of one model share the work
     fleet.engine.<engine_id>  tasks and lifecycle requests for one engine only
 
+Dead-lettered tasks (see ``workers/delivery.py``) are kept, as JSON, in the Redis list
+``fleet.dead.<model_id>`` (no worker consumes it).
+
 A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
 targets exactly one engine.
 """
@@ -24,6 +27,7 @@ ENGINE_STATUS_TASK = "fleet.engine_status"
 
 MODEL_QUEUE_PREFIX = "fleet.model."
 ENGINE_QUEUE_PREFIX = "fleet.engine."
+DEAD_LETTER_PREFIX = "fleet.dead."
 
 # Model and engine ids end up in Redis keys, queue names and node names: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -47,6 +51,11 @@ def model_queue(model_id: str) -> str:
 def engine_queue(engine_id: str) -> str:
     """Queue that carries the tasks addressed to one engine."""
     return ENGINE_QUEUE_PREFIX + check_id(engine_id, what="engine id")
+
+
+def dead_letter_queue(model_id: str) -> str:
+    """Redis list holding the dead-lettered tasks of one model (``unknown`` if it had none)."""
+    return DEAD_LETTER_PREFIX + (model_id if _ID_RE.match(model_id) else "unknown")
 
 
 def node_name(engine_id: str, host: str | None = None) -> str:

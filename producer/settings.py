@@ -80,9 +80,16 @@ class FleetSettings(BaseSettings):
     """Redis URL of the result backend; defaults to broker_url."""
     result_expires: int = Field(default=86_400, ge=60)
     """Seconds a result stays in the backend."""
-    visibility_timeout: int = Field(default=3_600, ge=10)
-    """Seconds before Redis hands an unacknowledged task to another worker; keep it above the
-    longest task."""
+    visibility_timeout: int = Field(default=120, ge=1)
+    """Seconds before Redis hands a task held by a dead worker to another one. Live workers
+    renew the lease on every task they hold (every visibility_timeout / 4), so a task may run
+    longer than this; it bounds how long a killed worker's tasks wait. Every worker on one
+    broker must use the same value."""
+    max_deliveries: int = Field(default=3, ge=1)
+    """Deliveries of one task before it is dead-lettered: a task that killed (or lost) its
+    worker this many times fails with DeadLettered instead of looping forever."""
+    max_message_bytes: int = Field(default=8 * 2**20, ge=1024)
+    """Largest task message a producer sends (its JSON body); larger requests are refused."""
     config: Path | None = None
     """TOML fleet config file with a ``[models.<id>]`` table per model."""
     models: dict[str, ModelConfig] = Field(default_factory=dict)

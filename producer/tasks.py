@@ -7,6 +7,7 @@ module reads no settings.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 
 from producer import naming
 from producer.celery_app import app
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, RequestTooLarge
 from producer.schema import (
     ChatRequest,
     GenerateRequest,
@@ -26,6 +27,7 @@ from producer.schema import (
     parse,
     to_wire,
 )
+from producer.settings import get_settings
 
 
 class ModelTask(Task):
@@ -62,7 +64,9 @@ class ModelTask(Task):
         """Enqueue an already validated request on its model's queue."""
         if "queue" not in options:
             options["queue"] = naming.model_queue(request.model)
-        return super().apply_async((), to_wire(request), **options)
+        wire = to_wire(request)
+        check_size(wire)
+        return super().apply_async((), wire, **options)
 
     def execute(self, kwargs: dict[str, Any]) -> Any:
         if _executor is None:
@@ -134,6 +138,17 @@ class EngineStatusTask(ModelTask):
     def send(self, request: Any, **options: Any) -> AsyncResult:
         options.setdefault("queue", naming.engine_queue(request.engine_id))
         return super().send(request, **options)
+
+
+def check_size(wire: dict[str, Any]) -> None:
+    """Refuse a request whose message body would be above ``max_message_bytes``."""
+    limit = get_settings().max_message_bytes
+    size = len(json.dumps(wire, ensure_ascii=False).encode())
+    if size > limit:
+        raise RequestTooLarge(
+            f"request: its message is {size} bytes, above the fleet's limit of {limit} "
+            f"(FLEET_MAX_MESSAGE_BYTES); send fewer or shorter requests per call"
+        )
 
 
 def item_wire(request: GenerateRequest | ChatRequest) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import signal
 import threading
 from typing import Any
 
+import redis
 from celery import bootsteps, signals
 
 from producer import naming
@@ -22,7 +23,9 @@ from producer.engines import queue_depths
 from producer.settings import TINY_MODEL_ID, get_settings
 from workers import runtime as runtime_mod
 from workers.cpu import request_amx
+from workers.delivery import Deliveries
 from workers.idle import IdleUnloader
+from workers.lease import Lease
 from workers.pinning import parse_gpus, pin_gpus
 from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
@@ -47,6 +50,7 @@ class EngineStep(bootsteps.StartStopStep):
         self.enabled = model is not None
         self.runtime: Runtime | None = None
         self.unloader: IdleUnloader | None = None
+        self.lease: Lease | None = None
         self.failed = False
         self._consumer_ready = threading.Event()
         if not self.enabled or model is None:
@@ -67,11 +71,18 @@ class EngineStep(bootsteps.StartStopStep):
             config=config,
             gpus=gpu_ids,
         )
+        self.runtime.deliveries = Deliveries(max_deliveries=settings.max_deliveries,
+                                             ttl_s=settings.result_expires)
+        self.lease = Lease(redis.Redis.from_url(settings.broker_url), settings.visibility_timeout)
         runtime_mod.install(self.runtime)
         signals.worker_ready.connect(self._on_consumer_ready, weak=False)
         signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
 
     def start(self, worker: Any) -> None:
+        assert self.runtime is not None
+        self.runtime.on_failure = lambda reason: self._stop_failed(worker.app, worker.hostname)
+        if self.lease is not None:
+            self.lease.start()
         loader = threading.Thread(
             target=self._load, args=(worker.app, worker.hostname), name="engine-loader",
             daemon=True,
@@ -82,15 +93,28 @@ class EngineStep(bootsteps.StartStopStep):
         """Merged into ``celery inspect stats``, so Flower's worker page shows the engine."""
         return {"engine": self.runtime.describe()} if self.runtime is not None else {}
 
+    def _stop_failed(self, app: Any, hostname: str) -> None:
+        """The engine is gone: stop taking tasks, then exit non-zero (warm shutdown).
+
+        Tasks in flight end at once with EngineFailed and are requeued for other workers.
+        """
+        self.failed = True
+        if self._consumer_ready.is_set() and self.runtime is not None:
+            queue = naming.model_queue(self.runtime.model_id)
+            try:
+                app.control.cancel_consumer(queue, destination=[hostname], reply=True,
+                                            timeout=5)
+            except Exception:
+                log.exception("could not stop consuming %s", queue)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def _load(self, app: Any, hostname: str) -> None:
         assert self.runtime is not None
         try:
             self.runtime.load()
-        except BaseException:
+        except BaseException as e:
             log.critical("engine %s failed to load; stopping the worker", hostname, exc_info=True)
-            self.failed = True
-            self.runtime.state = "failed"
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.runtime.fail(f"load failed: {e!r}")
             return
         self._consumer_ready.wait()
         model = self.runtime.model_id
@@ -107,6 +131,8 @@ class EngineStep(bootsteps.StartStopStep):
         self._consumer_ready.set()
 
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self.lease is not None:
+            self.lease.stop()
         if self.unloader is not None:
             self.unloader.stop()
         if self.runtime is not None:

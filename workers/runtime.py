@@ -10,9 +10,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from contextlib import contextmanager
 from typing import Any
+
+from celery.exceptions import Ignore, Reject
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
 from producer.schema import (
@@ -26,12 +29,26 @@ from producer.schema import (
 )
 from producer.settings import ModelConfig
 from producer.tasks import install_executor
+from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = set(Sampling.model_fields)
 WARMUP_TIMEOUT_S = 600.0
+# How often a task waiting on the engine looks whether it was revoked (a set lookup).
+REVOKE_POLL_S = 0.1
+
+
+class Revoked(Exception):
+    """The task was revoked while its requests were in the engine; they were aborted."""
+
+
+def is_revoked(task_id: str) -> bool:
+    """Whether ``celery revoke`` (or ``AsyncResult.revoke()``) reached this worker for the task."""
+    from celery.worker import state
+
+    return task_id in state.revoked
 
 
 class Runtime:
@@ -49,11 +66,39 @@ class Runtime:
         self.loads = 0
         self.last_active = time.monotonic()
         self._tp = config.tensor_parallel_size or len(gpus) or 1
-        self.engine: Engine = build_engine(model_id, config, tensor_parallel_size=self._tp)
+        #: Called once, on the engine thread, when the engine died or failed to reload: the
+        #: worker stops consuming and exits non-zero so its supervisor restarts it.
+        self.on_failure: Callable[[str], None] = lambda reason: None
+        #: Set by the worker: counts deliveries (redelivery and poison checks).
+        self.deliveries: Deliveries | None = None
+        self._failed = threading.Event()
+        self.engine: Engine = self._build()
         self._ready = threading.Event()
         self._lock = threading.Lock()  # state and requests in flight
         self._load_lock = threading.Lock()  # one reload at a time
         self._inflight = 0
+
+    def _build(self) -> Engine:
+        return build_engine(self.model_id, self.config, tensor_parallel_size=self._tp,
+                            on_death=self._engine_died)
+
+    def _engine_died(self, error: BaseException) -> None:
+        self.fail(f"engine died: {error!r}")
+
+    def fail(self, reason: str) -> None:
+        """The engine cannot serve any more: report not ready, tell the worker (once)."""
+        with self._lock:
+            self.state = "failed"
+            self._ready.clear()
+            first = not self._failed.is_set()
+            self._failed.set()
+        if first:
+            log.critical("engine %s (%s) failed: %s", self.engine_id, self.model_id, reason)
+            self.on_failure(reason)
+
+    @property
+    def failed(self) -> bool:
+        return self._failed.is_set()
 
     def load(self) -> None:
         """Start the engine and answer one warmup request; raise if either fails."""
@@ -80,6 +125,8 @@ class Runtime:
         try:
             if unloaded:
                 self._reload()
+            elif self.failed:
+                raise EngineFailed(f"engine {self.engine_id!r} failed; its worker is stopping")
             elif not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
                 raise NoEngine(f"engine {self.engine_id!r} did not become ready")
             yield self.engine
@@ -94,11 +141,10 @@ class Runtime:
                 return
             self.state = "loading"
             try:
-                self.engine = build_engine(self.model_id, self.config,
-                                           tensor_parallel_size=self._tp)
+                self.engine = self._build()
                 self.load()
             except BaseException as e:
-                self.state = "failed"
+                self.fail(f"reload failed: {e!r}")
                 raise EngineFailed(f"engine {self.engine_id!r} failed to reload: {e}") from e
 
     def unload_if_idle(self, idle_s: float, queue_depth: Callable[[], int]) -> bool:
@@ -120,7 +166,9 @@ class Runtime:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
         request = self._engine_request(parse(schema, kwargs), task_id)
         with self._serving() as engine:
-            return self._completion(engine.submit([request])[0].result())
+            futures = engine.submit([request])
+            self._wait(engine, task_id, futures, [request.request_id])
+            return self._completion(futures[0].result())
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,7 +184,9 @@ class Runtime:
             except FleetError as e:
                 outcomes.append(e)
         with self._serving() as engine:
-            futures = iter(engine.submit(valid))
+            submitted = engine.submit(valid)
+            self._wait(engine, task_id, submitted, [r.request_id for r in valid])
+            futures = iter(submitted)
             results = []
             for outcome in outcomes:
                 if outcome is None:
@@ -146,6 +196,23 @@ class Runtime:
                         outcome = e
                 results.append(item_result(outcome))
         return results
+
+    def _wait(self, engine: Engine, task_id: str, futures: Sequence[Future[EngineOutput]],
+              request_ids: list[str]) -> None:
+        """Until every future is done; abort them in the engine if the task gets revoked.
+
+        Celery's revoke cannot stop a running task in a threads pool; the engine can, by
+        request id, so a revoked task stops using the engine at its next step.
+        """
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=REVOKE_POLL_S, return_when=FIRST_EXCEPTION)
+            if pending and is_revoked(task_id):
+                engine.abort(request_ids)
+                wait(pending)
+                raise Revoked(f"task {task_id} was revoked; its requests were aborted")
+            if any(f.exception() is not None for f in done) and self.failed:
+                return  # the engine died: every future ends with EngineFailed at once
 
     def _engine_request(self, request: GenerateRequest | ChatRequest,
                         request_id: str) -> EngineRequest:
@@ -243,8 +310,29 @@ def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
 
 
 def execute(task: Any, kwargs: dict[str, Any]) -> Any:
-    """The body of every fleet task in a worker: serve it on this process's engine."""
+    """The body of every fleet task in a worker: serve it on this process's engine.
+
+    A redelivered task that already has a result, or a poison one, stops at the delivery check.
+    A task whose engine died goes back to its queue for another worker (its message is
+    requeued, not acknowledged). A revoked one ends REVOKED, as Celery users expect.
+    """
     runtime = current()
+    if runtime.deliveries is not None:
+        runtime.deliveries.admit(task, kwargs)
+    try:
+        return _dispatch(runtime, task, kwargs)
+    except Revoked as e:
+        task.backend.mark_as_revoked(task.request.id, reason=str(e), request=task.request)
+        raise Ignore() from e
+    except EngineFailed as e:
+        if not runtime.failed:
+            raise
+        if runtime.deliveries is not None:
+            runtime.deliveries.release(task)
+        raise Reject(e, requeue=True) from e
+
+
+def _dispatch(runtime: Runtime, task: Any, kwargs: dict[str, Any]) -> Any:
     if task.action == "serve_many":
         return runtime.handle_many(task.item_schema, task.request.id, kwargs)
     if task.action == "warmup":

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from producer.settings import ModelConfig
 from workers.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 
 __all__ = ["Engine", "EngineOutput", "EngineRequest", "EngineStats", "build_engine"]
 
 
-def build_engine(model_id: str, config: ModelConfig, *, tensor_parallel_size: int) -> Engine:
-    """The engine named by the model's config (not started yet)."""
+def build_engine(
+    model_id: str,
+    config: ModelConfig,
+    *,
+    tensor_parallel_size: int,
+    on_death: Callable[[BaseException], None] | None = None,
+) -> Engine:
+    """The engine named by the model's config (not started yet).
+
+    ``on_death`` is called on the engine's own thread when a started engine dies, before the
+    requests it held are failed.
+    """
     if config.engine == "fake":
         from workers.engines.fake import FakeEngine
 
         return FakeEngine(config.max_model_len or 4096)
     from workers.engines.vllm import VLLMEngine
 
-    return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size)
+    return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size,
+                      on_death=on_death)

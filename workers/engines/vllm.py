@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -37,8 +37,10 @@ SAMPLING_KEYS = (
 class VLLMEngine:
     """A vLLM engine with continuous batching across callers."""
 
-    def __init__(self, model_id: str, config: ModelConfig, *, tensor_parallel_size: int) -> None:
+    def __init__(self, model_id: str, config: ModelConfig, *, tensor_parallel_size: int,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
         self.model_id = model_id
+        self.on_death = on_death
         self.config = config
         self.tensor_parallel_size = tensor_parallel_size
         self.max_model_len = 0
@@ -122,6 +124,11 @@ class VLLMEngine:
         except BaseException as e:
             log.exception("engine for %s died", self.model_id)
             self._dead = e
+            if self.on_death is not None:
+                try:
+                    self.on_death(e)
+                except Exception:
+                    log.exception("engine death handler failed")
         finally:
             self._shutdown()
 

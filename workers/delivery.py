@@ -1,0 +1,76 @@
+"""What a worker checks before it runs a delivered task: redelivery and poison messages.
+
+Delivery is at-least-once (late acks), so a task can arrive again: after its worker was killed,
+or after it finished but its worker died before the ack. Before a task runs, one pipelined Redis
+round trip counts this delivery and reads the task's stored result:
+
+- a result is already stored (success, failure or revoked): the task is not run again, the
+  stored result stands and the message is acknowledged (``celery.exceptions.Ignore``);
+- the task was delivered more than ``max_deliveries`` times: it killed or lost its worker each
+  time (a poison message). It fails with ``DeadLettered`` instead of looping forever, and a copy
+  goes to the dead-letter list ``fleet.dead.<model>`` for an operator to inspect or replay.
+
+A task handed back on purpose (its engine died, it is requeued for another worker) gives its
+delivery back with :meth:`Deliveries.release`, so it is not counted as poison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from celery import states
+from celery.exceptions import Ignore
+
+from producer import naming
+from producer.errors import DeadLettered
+
+log = logging.getLogger(__name__)
+
+
+def deliveries_key(task_id: str) -> str:
+    return f"fleet.deliveries.{task_id}"
+
+
+class Deliveries:
+    """Counts the deliveries of each task in the result backend's Redis."""
+
+    def __init__(self, *, max_deliveries: int, ttl_s: int) -> None:
+        self.max_deliveries = max_deliveries
+        self.ttl_s = ttl_s
+
+    def admit(self, task: Any, kwargs: dict[str, Any]) -> int:
+        """Count this delivery of ``task``; raise if it must not run. Returns the count."""
+        backend = task.backend
+        task_id = task.request.id
+        key = deliveries_key(task_id)
+        with backend.client.pipeline(transaction=False) as pipe:
+            pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
+            count, _, stored = pipe.execute()
+        if stored is not None:
+            meta = backend.decode_result(stored)
+            if meta.get("status") in states.READY_STATES:
+                log.info("task %s already has a %s result; not running it again", task_id,
+                         meta["status"])
+                raise Ignore()
+        if count > self.max_deliveries:
+            self._dead_letter(task, kwargs, count)
+            raise DeadLettered(
+                f"task {task_id} was dead-lettered after {count - 1} deliveries "
+                f"(max_deliveries {self.max_deliveries}): it killed or lost its worker each time"
+            )
+        return int(count)
+
+    def release(self, task: Any) -> None:
+        """Give back this delivery: the task is requeued on purpose, not lost with a worker."""
+        task.backend.client.decr(deliveries_key(task.request.id))
+
+    def _dead_letter(self, task: Any, kwargs: dict[str, Any], count: int) -> None:
+        model = kwargs.get("model") if isinstance(kwargs.get("model"), str) else "unknown"
+        entry = {"id": task.request.id, "task": task.name, "kwargs": kwargs,
+                 "deliveries": count - 1, "at": time.time()}
+        task.backend.client.lpush(naming.dead_letter_queue(str(model)),
+                                  json.dumps(entry, default=str))
+        log.error("task %s dead-lettered after %d deliveries", task.request.id, count - 1)
