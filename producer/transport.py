@@ -49,7 +49,7 @@ def _check_envelope(payload: Any) -> None:
         raise MalformedMessage("envelope body or headers have the wrong type", payload)
 
 
-class Message(kombu_redis.Channel.Message):  # type: ignore[misc,name-defined]
+class Message(kombu_redis.Channel.Message):  # type: ignore[misc,valid-type]
     """A kombu message whose envelope is checked before kombu reads it."""
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
