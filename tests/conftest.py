@@ -17,6 +17,8 @@ import pytest
 from tests.harness import Fleet, WorkerProc, project_env
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+VISIBILITY_TIMEOUT = 4
+MAX_DELIVERIES = 2
 
 EXTRA_MODELS = """
 [models.tiny-b]
@@ -37,6 +39,13 @@ dtype = "bfloat16"
 enforce_eager = true
 kv_cache_memory_bytes = 268435456
 idle_unload_s = 2
+
+[models.tiny-faults]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
 
 [models.tiny-late]
 model = "{tiny}"
@@ -79,6 +88,9 @@ def fleet_env(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> di
         "FLEET_CACHE_DIR": str(cache),
         "FLEET_CONFIG": str(config),
         "FLEET_WORKER_CONCURRENCY": "64",
+        # Short, so the fault tests see redelivery within seconds (the default is 120 s).
+        "FLEET_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+        "FLEET_MAX_DELIVERIES": str(MAX_DELIVERIES),
     }
     os.environ.update(values)
     get_settings.cache_clear()

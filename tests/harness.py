@@ -50,10 +50,18 @@ class Fleet:
         self.logdir = logdir
         self.workers: list[WorkerProc] = []
 
-    def start(self, model: str, engine_id: str, *extra: str) -> WorkerProc:
+    def start(self, model: str, engine_id: str, *extra: str,
+              include: str | None = None) -> WorkerProc:
+        """A `fleet worker`; with ``include``, the same celery command line plus a module of
+        test-only remote-control commands (fault injection)."""
         log_path = self.logdir / f"worker-{engine_id}.log"
         argv = [sys.executable, "-m", "producer.cli", "worker", "--model", model,
                 "--engine-id", engine_id, "--host", HOST, "--loglevel", "INFO", *extra]
+        if include is not None:
+            from producer.cli import worker_argv
+
+            argv = [*worker_argv(model, engine_id, "", int(self.env["FLEET_WORKER_CONCURRENCY"]),
+                                 "INFO", HOST), "--include", include, *extra]
         with log_path.open("wb") as log:
             process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         worker = WorkerProc(model, engine_id, process, log_path)
@@ -86,6 +94,12 @@ class Fleet:
                 worker.process.kill()
                 worker.process.wait()
         return worker.process.returncode
+
+    def kill(self, worker: WorkerProc) -> None:
+        """SIGKILL the worker and everything below it: no warm shutdown, no acks, no cleanup."""
+        for proc in reversed(worker.tree()):
+            proc.kill()
+        worker.process.wait()
 
     def stop_all(self) -> None:
         for worker in self.workers:

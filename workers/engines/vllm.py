@@ -262,6 +262,8 @@ class VLLMEngine:
             futures, prompt_tokens = pending.pop(request_id)
             for future in futures:
                 future.set_result(EngineOutput("", "abort", prompt_tokens, 0))
+        with self._cond:
+            self._stats.running = len(pending)  # no step may follow to say so
 
     def _shutdown(self) -> None:
         with self._cond:

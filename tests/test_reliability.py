@@ -1,0 +1,225 @@
+"""Fault injection against real processes: nothing lost, nothing run twice to different ends.
+
+Workers of the model ``tiny-faults`` (real vLLM CPU engine, tiny model) are killed, poisoned,
+revoked at and cut off from Redis; the session runs with a visibility timeout of
+``VISIBILITY_TIMEOUT`` seconds and ``MAX_DELIVERIES`` deliveries (see conftest). The tests of
+this module share one worker at a time and restart it, as a supervisor would, when a test
+killed it; they run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from producer import DeadLettered, generate, generate_many
+from tests.conftest import MAX_DELIVERIES, VISIBILITY_TIMEOUT
+from tests.harness import Fleet, WorkerProc, engine_info
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tiny-faults"
+TIMEOUT = 240
+
+
+class FaultFleet:
+    """One `tiny-faults` worker at a time, restarted when a test killed it."""
+
+    def __init__(self, fleet: Fleet, app: Any) -> None:
+        self.fleet = fleet
+        self.app = app
+        self.started = 0
+        self.current: WorkerProc | None = None
+
+    def worker(self) -> WorkerProc:
+        if self.current is None or self.current.process.poll() is not None:
+            self.started += 1
+            self.current = self.fleet.start(MODEL, f"f{self.started}",
+                                            include="tests.engine_faults")
+            self.fleet.wait_ready(self.app, self.current)
+        return self.current
+
+    def kill(self) -> None:
+        assert self.current is not None
+        self.fleet.kill(self.current)
+        self.current = None
+
+
+@pytest.fixture(scope="module")
+def faults(fleet: Fleet, app: Any) -> FaultFleet:
+    return FaultFleet(fleet, app)
+
+
+def deliveries(redis_client: Any, task_id: str) -> int:
+    value = redis_client.get(f"fleet.deliveries.{task_id}")
+    return int(value) if value else 0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def _burst(n: int, tag: str) -> list[AsyncResult]:
+    # Lengths spread out, so results arrive over time rather than all at one engine step.
+    return [generate.delay(f"{tag} {i}", model=MODEL, max_tokens=16 + (i * 37) % 240,
+                           temperature=0.0) for i in range(n)]
+
+
+def test_sigkill_mid_batch_loses_nothing(faults: FaultFleet, redis_client: Any) -> None:
+    killed = faults.worker()
+    handles = _burst(120, "burst")
+    wait_until(lambda: sum(h.ready() for h in handles) >= 5, TIMEOUT, "first results")
+    before = {h.id: h.get(timeout=5) for h in handles if h.ready()}
+    t_kill = time.monotonic()
+    faults.kill()
+    held = [h for h in handles if not h.ready() and deliveries(redis_client, h.id) == 1]
+    assert held, "no task was in the engine when the worker died: nothing was tested"
+
+    back = faults.worker()  # what a supervisor does
+    results = {h.id: h.get(timeout=TIMEOUT) for h in handles}
+    recovery = time.monotonic() - t_kill
+    print(f"all {len(handles)} answered {recovery:.1f}s after the SIGKILL (visibility timeout "
+          f"{VISIBILITY_TIMEOUT}s, worker restart included)")
+
+    assert all(r["completion_tokens"] >= 1 for r in results.values())
+    for task_id, result in before.items():  # results stored before the kill stand
+        assert results[task_id] == result
+        assert result["engine_id"] == killed.engine_id
+    counts = {h.id: deliveries(redis_client, h.id) for h in handles}
+    assert max(counts.values()) <= 2
+    assert all(results[h.id]["engine_id"] == back.engine_id for h in held)
+    assert all(counts[h.id] == 2 for h in held)
+
+
+def test_batch_longer_than_visibility_timeout_runs_once(faults: FaultFleet,
+                                                        redis_client: Any) -> None:
+    worker = faults.worker()
+    items = [{"prompt": f"long {i}", "max_tokens": 480, "temperature": 0.0} for i in range(256)]
+    t0 = time.monotonic()
+    handle = generate_many.delay(items, model=MODEL)
+    out = handle.get(timeout=TIMEOUT)
+    took = time.monotonic() - t0
+    assert took > 2 * VISIBILITY_TIMEOUT, f"took {took:.1f}s: too short to test redelivery"
+    assert all(item["ok"]["completion_tokens"] > 0 for item in out)
+    assert deliveries(redis_client, handle.id) == 1
+    assert worker.log().count(f"[{handle.id}] received") == 1
+
+
+def test_redelivered_task_with_a_stored_result_is_not_run_again(
+    faults: FaultFleet, app: Any, redis_client: Any
+) -> None:
+    faults.worker()
+    task_id = str(uuid.uuid4())
+    stored = {"text": "stored before the redelivery", "finish_reason": "stop"}
+    app.backend.store_result(task_id, stored, "SUCCESS")
+    generate.apply_async(("Write a haiku",), {"model": MODEL, "max_tokens": 8}, task_id=task_id)
+    wait_until(lambda: deliveries(redis_client, task_id) == 1, 60, "the worker took the task")
+    assert generate.delay("after", model=MODEL, max_tokens=2).get(timeout=60)
+    wait_until(lambda: redis_client.hlen("unacked") == 0, 30, "the task was acknowledged")
+    assert AsyncResult(task_id, app=app).get(timeout=5) == stored
+
+
+def test_poison_message_is_dead_lettered(faults: FaultFleet, redis_client: Any) -> None:
+    faults.worker()
+    poison = generate.delay("poison", model=MODEL, max_tokens=400)
+    for delivery in range(1, MAX_DELIVERIES + 1):
+        wait_until(lambda d=delivery: deliveries(redis_client, poison.id) >= d,  # type: ignore[misc]
+                   TIMEOUT, f"delivery {delivery}")
+        faults.kill()  # the message kills its worker, every time
+        faults.worker()
+    with pytest.raises(DeadLettered, match=f"after {MAX_DELIVERIES} deliveries"):
+        poison.get(timeout=TIMEOUT)
+    entry = json.loads(redis_client.lindex(f"fleet.dead.{MODEL}", 0))
+    assert entry["id"] == poison.id
+    assert entry["deliveries"] == MAX_DELIVERIES
+    assert entry["kwargs"]["prompt"] == "poison"
+    later = generate.delay("the queue keeps flowing", model=MODEL, max_tokens=3)
+    assert later.get(timeout=60)["completion_tokens"] == 3
+
+
+def test_engine_death_requeues_and_exits_non_zero(faults: FaultFleet, app: Any,
+                                                  redis_client: Any) -> None:
+    dying = faults.worker()
+    handles = _burst(80, "dying")
+    wait_until(lambda: sum(h.ready() for h in handles) >= 3, TIMEOUT, "first results")
+    app.control.broadcast("fault_engine_dead", destination=[dying.node], reply=True, timeout=5)
+    code = dying.process.wait(120)
+    assert code != 0
+    assert not dying.tree()
+    assert "engine died" in dying.log()
+    replacement = faults.worker()
+    results = [h.get(timeout=TIMEOUT) for h in handles]
+    assert replacement.engine_id in {r["engine_id"] for r in results}
+    # Requeued on purpose, at once: none of them counts as a delivery lost with a worker.
+    assert all(deliveries(redis_client, h.id) == 1 for h in handles)
+
+
+def test_revoked_waiting_task_never_runs(faults: FaultFleet, redis_client: Any) -> None:
+    faults.worker()
+    blockers = [generate.delay(f"block {i}", model=MODEL, max_tokens=300) for i in range(64)]
+    waiting = generate.delay("never run", model=MODEL, max_tokens=5)  # behind 64 in flight
+    waiting.revoke()
+    for b in blockers:
+        b.get(timeout=TIMEOUT)
+    with pytest.raises(TaskRevokedError):
+        waiting.get(timeout=60)
+    assert deliveries(redis_client, waiting.id) == 0
+
+
+def test_revoked_running_task_is_aborted_in_the_engine(faults: FaultFleet, app: Any,
+                                                       redis_client: Any) -> None:
+    worker = faults.worker()
+    served = engine_info(app, worker.node)["requests_served"]
+    items = [{"prompt": f"abort me {i}", "max_tokens": 480} for i in range(256)]
+    handle = generate_many.delay(items, model=MODEL)
+    wait_until(lambda: deliveries(redis_client, handle.id) == 1, 60, "the task started")
+    wait_until(lambda: engine_info(app, worker.node)["running"] >= 64, 60, "it generates")
+    t0 = time.monotonic()
+    handle.revoke()
+    with pytest.raises(TaskRevokedError):
+        handle.get(timeout=60)
+    info = engine_info(app, worker.node)
+    print(f"revoked task left the engine {time.monotonic() - t0:.2f}s after revoke()")
+    assert info["running"] == 0
+    assert info["in_flight"] == 0
+    assert info["requests_served"] == served  # aborted, not finished
+
+
+def test_get_timeout_leaves_the_task_running(faults: FaultFleet) -> None:
+    faults.worker()
+    handle = generate.delay("take your time", model=MODEL, max_tokens=300)
+    with pytest.raises(CeleryTimeout):
+        handle.get(timeout=0.05)
+    assert handle.get(timeout=TIMEOUT)["completion_tokens"] == 300
+
+
+def test_redis_restart(faults: FaultFleet, workers_ab: tuple[WorkerProc, WorkerProc],
+                       redis_server: Any) -> None:
+    worker = faults.worker()
+    handles = _burst(100, "restart")
+    time.sleep(0.5)
+    redis_server.stop()  # SIGTERM: Redis writes its AOF and exits
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError):
+        generate.delay("while Redis is down", model=MODEL, max_tokens=2)
+    print(f"a producer got OperationalError {time.monotonic() - t0:.1f}s into the outage")
+    time.sleep(2)
+    redis_server.start()
+    results = [h.get(timeout=TIMEOUT) for h in handles]  # queued before the restart: none lost
+    assert all(r["completion_tokens"] >= 1 for r in results)
+    for model in ("tiny", "tiny-b", MODEL):  # every worker consumes again
+        assert generate.delay("after", model=model, max_tokens=2).get(timeout=120)
+    assert all(w.process.poll() is None for w in (worker, *workers_ab))
