@@ -100,6 +100,9 @@ class ManyTask(ModelTask):
         envelope: ManyRequest = super().validate(args, kwargs)
         items = []
         for i, item in enumerate(envelope.requests):
+            if "model" in item:
+                raise InvalidRequest(f"requests.{i}.model: items share the batch's model; "
+                                     f"leave it out")
             try:
                 request = parse(self.item_schema, {**item, "model": envelope.model})
             except InvalidRequest as e:
