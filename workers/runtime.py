@@ -26,6 +26,7 @@ from producer.schema import (
 )
 from producer.settings import ModelConfig
 from producer.tasks import install_executor
+from workers import replies
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class Runtime:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
         request = self._engine_request(parse(schema, kwargs), task_id)
         with self._serving() as engine:
-            return self._completion(engine.submit([request])[0].result())
+            return self._completion(engine.submit([request])[0].result(), request)
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,12 +137,13 @@ class Runtime:
             except FleetError as e:
                 outcomes.append(e)
         with self._serving() as engine:
-            futures = iter(engine.submit(valid))
+            futures = iter(zip(valid, engine.submit(valid), strict=True))
             results = []
             for outcome in outcomes:
                 if outcome is None:
                     try:
-                        outcome = self._completion(next(futures).result())
+                        sent, future = next(futures)
+                        outcome = self._completion(future.result(), sent)
                     except FleetError as e:
                         outcome = e
                 results.append(item_result(outcome))
@@ -153,13 +155,11 @@ class Runtime:
             raise UnknownModel(
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
             )
-        if isinstance(request, ChatRequest):
-            messages = [m.model_dump() for m in request.messages]
-            return EngineRequest(request_id, self._sampling(request), messages=messages)
-        return EngineRequest(request_id, self._sampling(request), prompt=request.prompt)
+        # Tools and JSON output add to what the engine sees: workers/replies.py.
+        return replies.engine_request(request, request_id, self._sampling(request))
 
-    def _completion(self, out: EngineOutput) -> dict[str, Any]:
-        return {
+    def _completion(self, out: EngineOutput, request: EngineRequest) -> dict[str, Any]:
+        completion = {
             "text": out.text,
             "finish_reason": out.finish_reason,
             "prompt_tokens": out.prompt_tokens,
@@ -168,6 +168,7 @@ class Runtime:
             "model": self.model_id,
             "engine_id": self.engine_id,
         }
+        return replies.finish(completion, out, request, self.config)  # tool calls, JSON
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
         defaults = self.config.defaults.model_dump(exclude_none=True)
