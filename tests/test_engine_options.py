@@ -134,3 +134,16 @@ def test_only_allow_listed_extras_reach_sampling_params() -> None:
     assert params.structured_outputs is not None
     assert params.structured_outputs.json == {"type": "object"}
     assert set(vllm_options.VLLM_EXTRAS) < set(SamplingParams.__struct_fields__)
+
+
+def test_the_example_fleet_configs_parsers_are_vllms() -> None:
+    import tomllib
+
+    from workers.toolcalls import check_parser
+
+    example = Path(__file__).parent.parent / "compose" / "fleet.example.toml"
+    models = tomllib.loads(example.read_text())["models"]
+    parsers = {m["tool_call_parser"] for m in models.values() if "tool_call_parser" in m}
+    assert parsers
+    for name in parsers:
+        check_parser(name)
