@@ -59,6 +59,18 @@ def test_tool_call_tags_are_single_tokens_of_the_tiny_model(tiny_tokenizer: Any)
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == '<tool_call>{"a": 1}</tool_call>'
 
 
+def test_an_older_tiny_model_is_rebuilt(tmp_path: Path) -> None:
+    from workers.tiny_model import MARKER, VERSION, ensure_tiny_model
+
+    path = ensure_tiny_model(tmp_path / "tiny")
+    (path / MARKER).write_text(json.dumps({"seed": 0}))  # as the builder before tools left it
+    (path / "tokenizer.json").write_text("{}")
+    ensure_tiny_model(path)
+    assert json.loads((path / MARKER).read_text())["version"] == VERSION
+    assert "<tool_call>" in (path / "tokenizer.json").read_text()
+    assert not list(tmp_path.glob(".tiny-*"))  # nothing left beside it
+
+
 # --- the native parser (vLLM's hermes) -----------------------------------------------------------
 
 def test_hermes_reads_calls_and_keeps_the_text_before_them(hermes: ToolCallReader) -> None:
@@ -212,3 +224,10 @@ def test_finish_shapes_the_result_like_openai() -> None:
     cut = replies.finish({"text": '{"a": ['}, EngineOutput('{"a": [', "length", 1, 2),
                          request, config)
     assert cut["parsed"] is None
+
+
+def test_fallback_refuses_a_call_whose_schema_cannot_be_resolved() -> None:
+    remote = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "https://example.invalid/a.json"}}}}}
+    text = '{"name": "f", "arguments": {"a": 1}}'
+    assert fallback(text, [remote]) == ([], text)  # nothing is fetched, nothing trusted

@@ -176,7 +176,10 @@ def _valid(call: Call, offered: dict[str, dict[str, Any]]) -> bool:
     if call.name not in offered:
         return False
     schema = offered[call.name].get("parameters") or {"type": "object"}
-    return _validator(json.dumps(schema, sort_keys=True)).is_valid(call.arguments)
+    try:
+        return bool(_validator(json.dumps(schema, sort_keys=True)).is_valid(call.arguments))
+    except Exception:  # e.g. a $ref that does not resolve: the call cannot be trusted
+        return False
 
 
 @functools.lru_cache(maxsize=1024)
