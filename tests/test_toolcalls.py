@@ -36,13 +36,18 @@ OSLO = {"city": "Oslo", "days": 2}
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_path: Path) -> Any:
     pytest.importorskip("vllm")
     from vllm.tokenizers import get_tokenizer
 
-    from workers.tiny_model import ensure_tiny_model
-
-    return get_tokenizer(str(ensure_tiny_model(tmp_path_factory.mktemp("m") / "tiny")))
+    return get_tokenizer(str(tiny_path))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,21 @@ def test_hermes_leaves_plain_text_and_broken_calls_alone(hermes: ToolCallReader)
 def test_native_miss_falls_back(hermes: ToolCallReader) -> None:
     text = 'Calling: {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}'
     assert hermes.read(text, TOOLS) == ([Call("get_weather", OSLO)], "Calling:")
+
+
+def test_special_tokens_stay_in_the_text_when_the_parser_asks(
+    hermes: ToolCallReader, tiny_path: Path
+) -> None:
+    # vLLM's hermes adjust_request keeps special tokens (some models' tool tags are special)
+    assert hermes.keeps_special_tokens(TOOLS, "auto") is True
+    assert hermes.keeps_special_tokens(TOOLS, "none") is False
+    assert ToolCallReader(None).keeps_special_tokens(TOOLS, "auto") is False
+    config = tiny_model_config(tiny_path)
+    chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                       "model": "tiny", "tools": TOOLS})
+    assert replies.engine_request(chat, "r", {}, config).sampling == {"skip_special_tokens": False}
+    mine = replies.engine_request(chat, "r", {"skip_special_tokens": True}, config)
+    assert mine.sampling == {"skip_special_tokens": True}  # the caller's choice wins
 
 
 # --- fallback forms, each with fixed outputs ------------------------------------------------------

@@ -77,12 +77,15 @@ def plan(request: GenerateRequest | ChatRequest) -> Reply | None:
 
 
 def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
-                   sampling: dict[str, Any]) -> EngineRequest:
+                   sampling: dict[str, Any], config: ModelConfig) -> EngineRequest:
     """What the engine sees of a validated request (``sampling``: knobs with defaults applied)."""
     reply = plan(request)
     constraint = reply.constraint() if reply is not None else None
     if constraint is not None:
         sampling = {**sampling, "structured_outputs": constraint}
+    if (reply is not None and reply.tool_choice == "auto" and "skip_special_tokens" not in sampling
+            and reader_for(config).keeps_special_tokens(reply.tools, "auto")):
+        sampling = {**sampling, "skip_special_tokens": False}  # as vLLM's server does
     if isinstance(request, ChatRequest):
         messages = [m.model_dump() for m in request.messages]
         tools = list(reply.tools) if reply is not None and reply.tools else None

@@ -156,7 +156,7 @@ class Runtime:
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
             )
         # Tools and JSON output add to what the engine sees: workers/replies.py.
-        return replies.engine_request(request, request_id, self._sampling(request))
+        return replies.engine_request(request, request_id, self._sampling(request), self.config)
 
     def _completion(self, out: EngineOutput, request: EngineRequest) -> dict[str, Any]:
         completion = {

@@ -60,17 +60,9 @@ class ToolCallReader:
 
     def native(self, text: str, tools: Tools) -> tuple[list[Call], str]:
         """What the model's own vLLM parser finds (names not offered are dropped)."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.tool_parsers import ToolParserManager
-
-        request = ChatCompletionRequest.model_validate(
-            {"messages": [], "model": "fleet", "tools": list(tools), "tool_choice": "auto"}
-        )
+        request = _vllm_request(tools, "auto")
         with self._lock:
-            parser_cls = ToolParserManager.get_tool_parser(self.parser_name or "")
-            # Parsers keep state: one per output.
-            parser = parser_cls(self.tokenizer(), list(request.tools or ()))
-            info = parser.extract_tool_calls(text, request)
+            info = self._parser(request).extract_tool_calls(text, request)
         if not info.tools_called:
             return [], text
         offered = _by_name(tools)
@@ -81,10 +73,37 @@ class ToolCallReader:
                 calls.append(Call(call.function.name, arguments))
         return calls, (info.content or "").strip()
 
+    def keeps_special_tokens(self, tools: Tools, tool_choice: Any) -> bool:
+        """Whether the model's parser needs special tokens left in the text: its own vLLM
+        ``adjust_request`` says so (hermes does: tool-call tags are special tokens in some
+        models, and decoding would drop them)."""
+        if not self.parser_name:
+            return False
+        request = _vllm_request(tools, tool_choice)
+        with self._lock:
+            adjusted = self._parser(request).adjust_request(request)
+        return adjusted.skip_special_tokens is False
+
+    def _parser(self, request: Any) -> Any:
+        from vllm.tool_parsers import ToolParserManager
+
+        parser_cls = ToolParserManager.get_tool_parser(self.parser_name or "")
+        # Parsers keep state: a fresh one per use.
+        return parser_cls(self.tokenizer(), list(request.tools or ()))
+
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             raise RuntimeError("no tokenizer for the tool parser")
         return self._tokenizer
+
+
+def _vllm_request(tools: Tools, tool_choice: Any) -> Any:
+    """The request object vLLM's parsers take (only its tools and tool_choice matter here)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {"messages": [], "model": "fleet", "tools": list(tools), "tool_choice": tool_choice}
+    )
 
 
 @functools.cache
