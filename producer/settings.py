@@ -10,9 +10,17 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +33,25 @@ from producer.naming import check_id
 from producer.schema import Sampling
 
 TINY_MODEL_ID = "tiny"
+ParserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class StructuredOutputsOptions(BaseModel):
+    """How the engine constrains JSON output (``vllm.config.StructuredOutputsConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = "auto"
+    """Grammar library; ``auto`` lets vLLM choose per request."""
+    disable_any_whitespace: bool = False
+    """Compact JSON only (no whitespace between tokens). Needs backend xgrammar or guidance."""
+
+    @model_validator(mode="after")
+    def _whitespace_needs_backend(self) -> StructuredOutputsOptions:
+        # vLLM's own rule, checked here so a bad fleet config fails when it is read.
+        if self.disable_any_whitespace and self.backend not in ("xgrammar", "guidance"):
+            raise ValueError("disable_any_whitespace needs backend 'xgrammar' or 'guidance'")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -54,6 +81,15 @@ class ModelConfig(BaseModel):
     """Most requests the engine runs at once (its max batch size)."""
     hf_overrides: dict[str, Any] = Field(default_factory=dict)
     """Overrides applied to the model's Hugging Face config (e.g. rope_scaling)."""
+    chat_template: str | None = None
+    """Chat template replacing the model's own: a Jinja template, or the path of a file with one."""
+    tool_call_parser: ParserName | None = None
+    """vLLM tool parser for this model's tool calls, by its ``--tool-call-parser`` name
+    (``hermes``, ``mistral``, ``llama3_json``, ``qwen3_coder``...). None: fallback forms only."""
+    structured_outputs_config: StructuredOutputsOptions = Field(
+        default_factory=StructuredOutputsOptions
+    )
+    """Engine settings of JSON-constrained generation (JSON results, forced tool calls)."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you trust the model's source."""
     seed: int = 0
@@ -165,6 +201,11 @@ def tiny_model_config(path: Path) -> ModelConfig:
         kv_cache_memory_bytes=256 * 2**20,
         max_num_seqs=1024,
         max_tokens_cap=512,
+        tool_call_parser="hermes",
+        # Random weights favour whitespace tokens: without this, constrained JSON never ends.
+        structured_outputs_config=StructuredOutputsOptions(
+            backend="xgrammar", disable_any_whitespace=True
+        ),
     )
 
 

@@ -91,3 +91,33 @@ def test_lifecycle_actions_reload_and_report() -> None:
             run_task(SimpleNamespace(action=engine_status.action), {"engine_id": "zz"})
     finally:
         install(None)
+
+
+def test_tool_calls_and_json_are_read_on_the_worker() -> None:
+    # The fake engine echoes the conversation: a call written into it comes back as output.
+    runtime = _runtime()
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}}}}
+    call = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+    kwargs = {"messages": [{"role": "user", "content": call}], "model": "m", "tools": [tool],
+              "max_tokens": 5}  # one echo of the call's five words
+    out = runtime.handle(ChatRequest, "t1", kwargs)
+    assert out["finish_reason"] == "tool_calls" and out["text"] == ""
+    assert out["tool_calls"] == [{"id": out["tool_calls"][0]["id"], "type": "function",
+                                  "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]
+    assert runtime.handle(ChatRequest, "t1", kwargs) == out  # a redelivery: the same answer
+    none = runtime.handle(ChatRequest, "t2", {**kwargs, "tool_choice": "none"})
+    assert "tool_calls" not in none and none["text"] == call
+    bad = '{"name": "get_time", "arguments": {"tz": "PST"}}'  # not in the schema's enum
+    kwargs["messages"] = [{"role": "user", "content": bad}]
+    assert "tool_calls" not in runtime.handle(ChatRequest, "t3", kwargs)
+    as_json = runtime.handle(GenerateRequest, "t4", {"prompt": '{"a": 1}', "model": "m",
+                                                     "max_tokens": 2, "return_json": True})
+    assert as_json["parsed"] == {"a": 1}
+    many = runtime.handle_many(ChatRequest, "t5", {"model": "m", "requests": [
+        {"messages": [{"role": "user", "content": call}], "tools": [tool], "max_tokens": 5},
+        {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+    ]})
+    assert many[0]["ok"]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert many[1]["error"]["type"] == "InvalidRequest"
+    assert "tool_choice" in many[1]["error"]["message"]

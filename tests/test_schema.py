@@ -100,3 +100,104 @@ def test_many_task_names_the_bad_item_and_field(app: Any, redis_client: Any) -> 
     with pytest.raises(InvalidRequest, match="requests"):
         generate_many.delay([], model="nobody")
     assert redis_client.llen("fleet.model.nobody") == 0
+
+
+# --- tools, tool calls, JSON output, vLLM extras ---
+
+TOOL = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}}
+USER = [{"role": "user", "content": "weather?"}]
+
+
+def _tool(**function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", **function}}
+
+
+BAD_CHAT_PARAMS = [
+    ({"tools": [_tool(parameters={"type": "objekt"})]}, "tools.0.function.parameters"),
+    ({"tools": [_tool(parameters={"properties": {"a": {"minLength": -1}}})]},
+     "tools.0.function.parameters"),
+    ({"tools": [_tool(parameters={"type": "array"})]}, "tools.0.function.parameters"),
+    ({"tools": [_tool(parameters="not a schema")]}, "tools.0.function.parameters"),
+    ({"tools": [_tool(name="has space")]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [_tool(), _tool()]}, "tools"),
+    ({"tools": []}, "tools"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "required", "return_json": True}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "required": "city"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "text"}, "return_json": True}, "return_json"),
+    ({"return_json": "yes"}, "return_json"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logit_bias": {"the": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"17": 101.0}}, "logit_bias"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"n": 2}, "n"),  # not on the allow-list
+    ({"guided_json": {}}, "guided_json"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages.0"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "tool_calls.0.function.arguments"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+]
+
+
+@pytest.mark.parametrize(("params", "field"), BAD_CHAT_PARAMS)
+def test_chat_refuses_bad_tools_schemas_and_extras_naming_the_field(
+    params: dict[str, Any], field: str, app: Any, redis_client: Any
+) -> None:
+    params = {"messages": USER, **params}
+    with pytest.raises(InvalidRequest) as info:
+        chat.delay(model="nobody", **params)
+    assert field in str(info.value)
+    assert redis_client.llen("fleet.model.nobody") == 0  # nothing was enqueued
+
+
+def test_generate_refuses_a_bad_json_schema(app: Any, redis_client: Any) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+    with pytest.raises(InvalidRequest, match=r"response_format\.json_schema\.schema: .*Draft"):
+        generate.delay("hi", model="nobody", response_format=bad)
+    assert redis_client.llen("fleet.model.nobody") == 0
+
+
+def test_tool_conversation_and_json_format_travel_as_given() -> None:
+    from producer.schema import ChatRequest
+
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
+    request = ChatRequest.model_validate({
+        "messages": messages, "model": "tiny", "tools": [TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "logprobs": 2, "logit_bias": {"17": -100.0},
+    })
+    wire = to_wire(request)
+    assert wire["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+    assert ChatRequest.model_validate(wire) == request  # the worker reads what was sent
+    as_json = ChatRequest.model_validate({"messages": USER, "model": "m", "response_format": fmt})
+    assert to_wire(as_json)["response_format"] == fmt  # "schema", OpenAI's key, on the wire
+    # OpenAI lets an assistant tool-call message leave out "content"
+    ChatRequest.model_validate({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})

@@ -29,6 +29,7 @@ from producer.schema import (
 )
 from producer.settings import ModelConfig
 from producer.tasks import install_executor
+from workers import replies
 from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
 
@@ -168,7 +169,7 @@ class Runtime:
         with self._serving() as engine:
             futures = engine.submit([request])
             self._wait(engine, task_id, futures, [request.request_id])
-            return self._completion(futures[0].result())
+            return self._completion(futures[0].result(), request)
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -186,12 +187,13 @@ class Runtime:
         with self._serving() as engine:
             submitted = engine.submit(valid)
             self._wait(engine, task_id, submitted, [r.request_id for r in valid])
-            futures = iter(submitted)
+            futures = iter(zip(valid, submitted, strict=True))
             results = []
             for outcome in outcomes:
                 if outcome is None:
                     try:
-                        outcome = self._completion(next(futures).result())
+                        sent, future = next(futures)
+                        outcome = self._completion(future.result(), sent)
                     except FleetError as e:
                         outcome = e
                 results.append(item_result(outcome))
@@ -220,13 +222,11 @@ class Runtime:
             raise UnknownModel(
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
             )
-        if isinstance(request, ChatRequest):
-            messages = [m.model_dump() for m in request.messages]
-            return EngineRequest(request_id, self._sampling(request), messages=messages)
-        return EngineRequest(request_id, self._sampling(request), prompt=request.prompt)
+        # Tools and JSON output add to what the engine sees: workers/replies.py.
+        return replies.engine_request(request, request_id, self._sampling(request), self.config)
 
-    def _completion(self, out: EngineOutput) -> dict[str, Any]:
-        return {
+    def _completion(self, out: EngineOutput, request: EngineRequest) -> dict[str, Any]:
+        completion = {
             "text": out.text,
             "finish_reason": out.finish_reason,
             "prompt_tokens": out.prompt_tokens,
@@ -235,6 +235,7 @@ class Runtime:
             "model": self.model_id,
             "engine_id": self.engine_id,
         }
+        return replies.finish(completion, out, request, self.config)  # tool calls, JSON
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
         defaults = self.config.defaults.model_dump(exclude_none=True)

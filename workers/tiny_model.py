@@ -5,10 +5,15 @@ config (hidden size 128, 2 layers, 2 heads of size 64, 1 key/value head), random
 weights, and a byte-level BPE tokenizer trained on Python's own standard-library sources, with
 ChatML specials and a chat template. Its text is gibberish, but it is deterministic at
 temperature 0 and runs vLLM's real loading, tokenizing, templating, sampling and batching code.
+
+The template renders tools, tool calls and tool results the Hermes/Qwen2.5 way (a ``<tools>``
+list in the system turn, ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` from the
+assistant, ``<tool_response>`` back), so vLLM's ``hermes`` tool parser reads its tool calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,33 +31,76 @@ KV_HEADS = 1
 HEAD_DIM = 64  # vLLM's CPU attention refuses head size 16
 MAX_POSITIONS = 2048
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# Single tokens, as in Qwen2.5; not special, so decoding keeps them in the text for the parser.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+# Jinja with whitespace trimmed everywhere ({%- -%}); every newline of the output is an explicit
+# '\n'. Without tools it renders plain ChatML, exactly as before tools existed.
+CHAT_TEMPLATE = """
+{%- if tools -%}
+  {#- One system turn holds the caller's system text and the tool signatures. -#}
+  {{- '<|im_start|>system\n' -}}
+  {%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}{%- endif -%}
+  {{- '# Tools\n\nYou may call functions. Their signatures are inside <tools></tools>:\n<tools>' -}}
+  {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
+  {{- '\n</tools>\n\nTo call one, answer with its name and arguments inside <tool_call>' -}}
+  {{- '</tool_call>:\n<tool_call>\n{"name": <name>, "arguments": <object>}\n</tool_call>' -}}
+  {{- '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if tools and loop.first and message['role'] == 'system' -%}
+  {%- elif message['role'] == 'assistant' and message['tool_calls'] -%}
+    {{- '<|im_start|>assistant\n' + (message['content'] or '') -}}
+    {%- for call in message['tool_calls'] -%}
+      {%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '<tool_call>\n{"name": ' + (call['function']['name'] | tojson) -}}
+      {{- ', "arguments": ' + (call['function']['arguments'] | tojson) + '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+  {%- elif message['role'] == 'tool' -%}
+    {{- '<|im_start|>user\n<tool_response>\n' + message['content'] -}}
+    {{- '\n</tool_response><|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
 CORPUS_PACKAGES = ("email", "json", "http", "logging", "unittest", "asyncio")
 MARKER = "fleet-tiny-model.json"
+# Bump when the build changes: a tiny model built by an older version is rebuilt.
+VERSION = 2
 
 
 def ensure_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Build the tiny model in ``path`` unless a complete one is already there."""
-    if (path / MARKER).exists():
+    """Build the tiny model in ``path`` unless a complete, current one is already there."""
+    if _is_current(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent builders never see a half-written model.
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     try:
         build_tiny_model(staging, seed=seed)
+        if path.exists() and not _is_current(path):
+            # An older build: move it aside (atomically) so the rename below can take its place.
+            with contextlib.suppress(OSError):
+                os.rename(path, tempfile.mkdtemp(prefix=".tiny-old-", dir=path.parent) + "/m")
         try:
             os.rename(staging, path)
         except OSError:
-            if not (path / MARKER).exists():
+            if not _is_current(path):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for old in path.parent.glob(".tiny-old-*"):
+            shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _is_current(path: Path) -> bool:
+    try:
+        return json.loads((path / MARKER).read_text()).get("version") == VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def build_tiny_model(out: Path, *, seed: int = 0) -> None:
@@ -61,7 +109,8 @@ def build_tiny_model(out: Path, *, seed: int = 0) -> None:
     ids = _write_tokenizer(out)
     _write_config(out, eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
     _write_weights(out, seed)
-    (out / MARKER).write_text(json.dumps({"seed": seed, "vocab_size": VOCAB_SIZE}))
+    marker = {"seed": seed, "vocab_size": VOCAB_SIZE, "version": VERSION}
+    (out / MARKER).write_text(json.dumps(marker))
 
 
 def _corpus() -> Iterator[str]:
@@ -72,21 +121,23 @@ def _corpus() -> Iterator[str]:
 
 
 def _write_tokenizer(out: Path) -> dict[str, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE - len(TOOL_TOKENS),  # the tool tokens take the last ids
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
+    assert tokenizer.get_vocab_size() <= VOCAB_SIZE, tokenizer.get_vocab_size()
     tokenizer.save(str(out / "tokenizer.json"))
     ids: dict[str, int] = {}
-    for token in SPECIALS:
+    for token in [*SPECIALS, *TOOL_TOKENS]:
         token_id = tokenizer.token_to_id(token)
         assert token_id is not None, token
         ids[token] = token_id

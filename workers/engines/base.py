@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from workers.replies import Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +19,8 @@ class EngineRequest:
     sampling: dict[str, Any]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # for the chat template (OpenAI's shape)
+    reply: Reply | None = None  # how the runtime reads the output; engines ignore it
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,7 @@ class EngineOutput:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = None  # when the request asked for them
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ class FakeEngine:
 
     def _answer(self, request: EngineRequest) -> EngineOutput:
         if request.messages is not None:
-            words = " ".join(m["content"] for m in request.messages).split()
+            words = " ".join(m["content"] or "" for m in request.messages).split()
         else:
             words = (request.prompt or "").split()
         max_tokens = int(request.sampling.get("max_tokens") or 16)

@@ -17,6 +17,7 @@ from typing import Any
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, PromptTooLong
 from producer.settings import ModelConfig
+from workers.engines import vllm_options
 from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class VLLMEngine:
             seed=c.seed,
             disable_log_stats=True,
             **optional,
+            **vllm_options.engine_kwargs(c),  # structured outputs; checks parser and template
         )
         return LLMEngine.from_engine_args(args)
 
@@ -199,6 +201,7 @@ class VLLMEngine:
                     finish_reason=completion.finish_reason or "stop",
                     prompt_tokens=prompt_tokens,
                     completion_tokens=len(completion.token_ids),
+                    logprobs=vllm_options.token_logprobs(completion),
                 )
                 for future in futures:
                     future.set_result(result)
@@ -226,9 +229,7 @@ class VLLMEngine:
     def _tokenize(self, request: EngineRequest) -> list[int]:
         tok = self._tokenizer
         if request.messages is not None:
-            text = tok.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=False
-            )
+            text = vllm_options.render_chat(tok, request, self.config)  # tools, template
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(request.prompt or "")
@@ -249,7 +250,8 @@ class VLLMEngine:
         # Generation stops at the context's end anyway; saying so keeps finish_reason honest.
         room = self.max_model_len - prompt_tokens
         knobs["max_tokens"] = min(int(knobs.get("max_tokens", 16)), room)
-        return SamplingParams(**knobs, output_kind=RequestOutputKind.FINAL_ONLY)
+        extras = vllm_options.sampling_kwargs(sampling)  # allow-listed extras, JSON constraint
+        return SamplingParams(**knobs, **extras, output_kind=RequestOutputKind.FINAL_ONLY)
 
     def _abort(
         self, request_ids: list[str], pending: dict[str, tuple[list[Future[EngineOutput]], int]]
