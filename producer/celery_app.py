@@ -59,6 +59,8 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "task_default_queue": "fleet.default",
     }
+    if settings.signing_key or settings.signing_certificate or settings.signing_cert_store:
+        config.update(_signing(settings))
     # rediss:// without ssl_* query parameters: verify the server's certificate against the
     # system's CAs (kombu and Celery would otherwise default to not verifying it at all).
     if _tls_without_options(settings.broker_url):
@@ -66,6 +68,25 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
     if _tls_without_options(settings.backend_url):
         config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return config
+
+
+def _signing(settings: FleetSettings) -> dict[str, Any]:
+    """Celery's message signing: every task and control message signed, unsigned ones refused.
+
+    Registers the ``auth`` serializer with this process's key (what ``app.setup_security()``
+    does, without re-reading the app's configuration while it is being built).
+    """
+    key, cert, store = (settings.signing_key, settings.signing_certificate,
+                        settings.signing_cert_store)
+    if not (key and cert and store):
+        raise ValueError("message signing needs FLEET_SIGNING_KEY, FLEET_SIGNING_CERTIFICATE "
+                         "and FLEET_SIGNING_CERT_STORE together")
+    from celery.security.serialization import register_auth
+
+    register_auth(key.read_text(), None, cert.read_text(), str(store / "*"), "sha256", "json")
+    return {"task_serializer": "auth", "accept_content": ["auth"],
+            "security_key": str(key), "security_certificate": str(cert),
+            "security_cert_store": str(store / "*"), "security_digest": "sha256"}
 
 
 def _tls_without_options(url: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -25,8 +26,13 @@ class LocalRedis:
     """Start, stop and restart a private redis-server (AOF on, no eviction)."""
 
     def __init__(self, *, password: str | None = None, port: int | None = None,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, user: str | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``user``: serve only that ACL user (the default user is turned off).
+        ``tls``: (CA certificate, server certificate, server key); the port then speaks TLS."""
         self.password = password if password is not None else secrets.token_hex(12)
+        self.user = user
+        self.tls = tls
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleet-redis-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -34,8 +40,11 @@ class LocalRedis:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f"{self.user or ''}:{self.password}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return (f"rediss://{auth}127.0.0.1:{self.port}/0"
+                f"?ssl_cert_reqs=required&ssl_ca_certs={self.tls[0]}")
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
         binary = shutil.which("redis-server")
@@ -46,8 +55,19 @@ class LocalRedis:
             "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
             "--logfile", str(self.workdir / "redis.log"),
         ]
-        if self.password:
+        if self.user and self.password:
+            # Everything a fleet needs, nothing that administers the server.
+            args += ["--user", "default", "off",
+                     "--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all",
+                     "-@admin", "-flushall", "-flushdb"]
+        elif self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            args[args.index("--port") + 1] = "0"
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                     "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -62,9 +82,14 @@ class LocalRedis:
 
     def _ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                s = raw
+                if self.tls is not None:
+                    s = ssl.create_default_context(cafile=str(self.tls[0])).wrap_socket(
+                        raw, server_hostname="127.0.0.1")
                 if self.password:
-                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    user = f"{self.user} " if self.user else ""
+                    s.sendall(f"AUTH {user}{self.password}\r\n".encode())
                     s.recv(64)
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith(b"+PONG")

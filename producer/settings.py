@@ -140,6 +140,14 @@ class FleetSettings(BaseSettings):
     engine_multiprocessing: bool = False
     """Run vLLM's engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING). Off: the
     engine lives in the worker process, so it cannot outlive it."""
+    signing_key: Path | None = None
+    """PEM private key this process signs task and control messages with (Celery's auth
+    serializer). Set it, signing_certificate and signing_cert_store on every producer, worker
+    and Flower of the fleet, or on none."""
+    signing_certificate: Path | None = None
+    """PEM certificate of signing_key."""
+    signing_cert_store: Path | None = None
+    """Directory of the PEM certificates whose signatures are accepted."""
     flower_user: str | None = None
     """Flower basic-auth user."""
     flower_password: SecretStr | None = None

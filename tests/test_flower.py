@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from producer import generate
@@ -97,3 +98,32 @@ def test_flower_shows_engines_and_tasks_behind_auth(
     assert workers["a1@test"]["stats"]["engine"]["model"] == "tiny"  # the worker page's stats
     assert {h.id for h in handles} <= set(tasks)
     assert all(tasks[h.id]["state"] == "SUCCESS" for h in handles)
+
+
+def _post(url: str, auth: tuple[str, str] | None = None) -> int:
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+@pytest.mark.engine
+def test_flower_control_api_needs_auth_and_binds_loopback(
+    flower: tuple[str, tuple[str, str]], workers_ab: tuple[WorkerProc, WorkerProc]
+) -> None:
+    base, auth = flower
+    for path in ("/api/worker/shutdown/a1@test", "/api/worker/pool/restart/a1@test",
+                 "/api/task/revoke/some-task-id", "/api/worker/queue/cancel-consumer/a1@test"):
+        assert _post(base + path) == 401
+        assert _post(base + path, ("watcher", "wrong")) == 401
+    assert workers_ab[0].process.poll() is None  # nobody shut it down
+    assert _post(base + "/api/task/revoke/no-such-task", auth) == 200  # auth is the only gate
+    port = int(base.rsplit(":", 1)[1])
+    listening = [c.laddr for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
