@@ -260,12 +260,12 @@ class VLLMEngine:
         if not ids:
             return
         self._engine.abort_request(ids)
-        for request_id in ids:
-            futures, prompt_tokens = pending.pop(request_id)
+        aborted = [pending.pop(request_id) for request_id in ids]
+        with self._cond:
+            self._stats.running = len(pending)  # before the callers hear; no step may follow
+        for futures, prompt_tokens in aborted:
             for future in futures:
                 future.set_result(EngineOutput("", "abort", prompt_tokens, 0))
-        with self._cond:
-            self._stats.running = len(pending)  # no step may follow to say so
 
     def _shutdown(self) -> None:
         with self._cond:
