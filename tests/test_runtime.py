@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from producer.errors import InvalidRequest, UnknownModel
@@ -121,3 +123,30 @@ def test_tool_calls_and_json_are_read_on_the_worker() -> None:
     assert many[0]["ok"]["tool_calls"][0]["function"]["name"] == "get_time"
     assert many[1]["error"]["type"] == "InvalidRequest"
     assert "tool_choice" in many[1]["error"]["message"]
+
+
+def test_revoke_watcher_aborts_only_revoked_running_tasks() -> None:
+    import threading
+
+    from workers.revoke import RevokeWatcher
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.aborted: list[list[str]] = []
+            self.event = threading.Event()
+
+        def abort(self, request_ids: list[str]) -> None:
+            self.aborted.append(list(request_ids))
+            self.event.set()
+
+    revoked: set[str] = set()
+    watcher = RevokeWatcher(interval=0.01, revoked=revoked.__contains__)
+    engine = Recorder()
+    with watcher.watching("t1", engine, ["t1:0", "t1:1"]), \
+            watcher.watching("t2", engine, ["t2"]):  # type: ignore[arg-type]
+        revoked.add("t2")
+        assert engine.event.wait(5)
+    assert engine.aborted == [["t2"]]
+    revoked.add("t1")  # revoked after it left the engine: nothing to abort
+    time.sleep(0.05)
+    assert engine.aborted == [["t2"]]

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,24 +32,16 @@ from producer.tasks import install_executor
 from workers import replies
 from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
+from workers.revoke import RevokeWatcher, is_revoked
 
 log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = set(Sampling.model_fields)
 WARMUP_TIMEOUT_S = 600.0
-# How often a task waiting on the engine looks whether it was revoked (a set lookup).
-REVOKE_POLL_S = 0.1
 
 
 class Revoked(Exception):
     """The task was revoked while its requests were in the engine; they were aborted."""
-
-
-def is_revoked(task_id: str) -> bool:
-    """Whether ``celery revoke`` (or ``AsyncResult.revoke()``) reached this worker for the task."""
-    from celery.worker import state
-
-    return task_id in state.revoked
 
 
 class Runtime:
@@ -73,6 +65,7 @@ class Runtime:
         #: Set by the worker: counts deliveries (redelivery and poison checks).
         self.deliveries: Deliveries | None = None
         self._failed = threading.Event()
+        self._revokes = RevokeWatcher()
         self.engine: Engine = self._build()
         self._ready = threading.Event()
         self._lock = threading.Lock()  # state and requests in flight
@@ -201,20 +194,14 @@ class Runtime:
 
     def _wait(self, engine: Engine, task_id: str, futures: Sequence[Future[EngineOutput]],
               request_ids: list[str]) -> None:
-        """Until every future is done; abort them in the engine if the task gets revoked.
-
-        Celery's revoke cannot stop a running task in a threads pool; the engine can, by
-        request id, so a revoked task stops using the engine at its next step.
-        """
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=REVOKE_POLL_S, return_when=FIRST_EXCEPTION)
-            if pending and is_revoked(task_id):
-                engine.abort(request_ids)
-                wait(pending)
-                raise Revoked(f"task {task_id} was revoked; its requests were aborted")
-            if any(f.exception() is not None for f in done) and self.failed:
-                return  # the engine died: every future ends with EngineFailed at once
+        """Until every future is done; raise Revoked if the task was revoked meanwhile (the
+        revoke watcher then aborted its requests in the engine)."""
+        with self._revokes.watching(task_id, engine, request_ids):
+            wait(futures)
+        aborted = any(f.exception() is None and f.result().finish_reason == "abort"
+                      for f in futures)
+        if aborted and is_revoked(task_id):
+            raise Revoked(f"task {task_id} was revoked; its requests were aborted")
 
     def _engine_request(self, request: GenerateRequest | ChatRequest,
                         request_id: str) -> EngineRequest:
