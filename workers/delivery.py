@@ -1,8 +1,9 @@
 """What a worker checks before it runs a delivered task: redelivery and poison messages.
 
 Delivery is at-least-once (late acks), so a task can arrive again: after its worker was killed,
-or after it finished but its worker died before the ack. Before a task runs, one pipelined Redis
-round trip counts this delivery and reads the task's stored result:
+or after it finished but its worker died before the ack. Kombu marks each message it puts back
+on a queue (header ``redelivered``); before such a task runs, one pipelined Redis round trip
+counts the redelivery and reads the task's stored result (a first delivery skips all this):
 
 - a result is already stored (success, failure or revoked): the task is not run again, the
   stored result stands and the message is acknowledged (``celery.exceptions.Ignore``);
@@ -42,30 +43,40 @@ class Deliveries:
         self.ttl_s = ttl_s
 
     def admit(self, task: Any, kwargs: dict[str, Any]) -> int:
-        """Count this delivery of ``task``; raise if it must not run. Returns the count."""
-        backend = task.backend
+        """Check a redelivered task; raise if it must not run. Returns its delivery number.
+
+        A first delivery costs nothing: kombu marks every message it puts back on a queue
+        (``redelivered`` header), so only those pay the Redis round trip. The counter holds the
+        number of redeliveries.
+        """
         task_id = task.request.id
+        if not getattr(task.request, "redelivered", False):
+            return 1
+        backend = task.backend
         key = deliveries_key(task_id)
         with backend.client.pipeline(transaction=False) as pipe:
             pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
-            count, _, stored = pipe.execute()
+            redeliveries, _, stored = pipe.execute()
         if stored is not None:
             meta = backend.decode_result(stored)
             if meta.get("status") in states.READY_STATES:
                 log.info("task %s already has a %s result; not running it again", task_id,
                          meta["status"])
                 raise Ignore()
-        if count > self.max_deliveries:
-            self._dead_letter(task, kwargs, count)
+        delivery = 1 + int(redeliveries)
+        if delivery > self.max_deliveries:
+            self._dead_letter(task, kwargs, delivery)
             raise DeadLettered(
-                f"task {task_id} was dead-lettered after {count - 1} deliveries "
+                f"task {task_id} was dead-lettered after {delivery - 1} deliveries "
                 f"(max_deliveries {self.max_deliveries}): it killed or lost its worker each time"
             )
-        return int(count)
+        return delivery
 
     def release(self, task: Any) -> None:
         """Give back this delivery: the task is requeued on purpose, not lost with a worker."""
-        task.backend.client.decr(deliveries_key(task.request.id))
+        key = deliveries_key(task.request.id)
+        with task.backend.client.pipeline(transaction=False) as pipe:
+            pipe.decr(key).expire(key, self.ttl_s).execute()
 
     def _dead_letter(self, task: Any, kwargs: dict[str, Any], count: int) -> None:
         model = kwargs.get("model") if isinstance(kwargs.get("model"), str) else "unknown"
