@@ -51,7 +51,6 @@ class EngineStep(bootsteps.StartStopStep):
         self.runtime: Runtime | None = None
         self.unloader: IdleUnloader | None = None
         self.lease: Lease | None = None
-        self.failed = False
         self._consumer_ready = threading.Event()
         if not self.enabled or model is None:
             return
@@ -98,7 +97,6 @@ class EngineStep(bootsteps.StartStopStep):
 
         Tasks in flight end at once with EngineFailed and are requeued for other workers.
         """
-        self.failed = True
         if self._consumer_ready.is_set() and self.runtime is not None:
             queue = naming.model_queue(self.runtime.model_id)
             try:
@@ -137,5 +135,5 @@ class EngineStep(bootsteps.StartStopStep):
             self.unloader.stop()
         if self.runtime is not None:
             self.runtime.close()
-        if self.failed and sender is not None:
+        if self.runtime is not None and self.runtime.failed and sender is not None:
             sender.exitcode = 1

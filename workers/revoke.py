@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -54,8 +55,8 @@ class RevokeWatcher:
                 self._watched.pop(task_id, None)
 
     def _run(self) -> None:
-        stop = threading.Event()  # never set: a daemon thread for the worker's whole life
-        while not stop.wait(self.interval):
+        while True:  # a daemon thread, for the worker's whole life
+            time.sleep(self.interval)
             with self._lock:
                 watched = list(self._watched.items())
             for task_id, (engine, request_ids) in watched:
