@@ -28,7 +28,8 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         # Kombu's Redis transport, refusing malformed messages instead of dying on them.
         "broker_transport": "producer.transport:Transport",
-        "result_backend": settings.backend_url,
+        # Celery's Redis result backend, one round trip per result (producer/backend.py).
+        "result_backend": f"producer.backend:ResultBackend+{settings.backend_url}",
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         # JSON only: a broker or backend writer must never get to run code in a worker or client.

@@ -8,6 +8,10 @@ message instead: it logs it and keeps its raw bytes in the Redis list ``fleet.de
 (no worker consumes it), and the worker goes on. Messages that are well-formed for kombu but not
 for Celery (unknown task, pickle content, bad headers) are Celery's to refuse, and it does.
 
+It also keeps one Redis client per channel for the commands kombu sends without one (every
+publish, ack and event): kombu builds a new ``redis.Redis`` for each, about 0.3 ms of Python per
+message on a 2-core machine, on the producer's and the worker's hot path alike.
+
 Selected by the fleet's Celery config (``broker_transport``); ``redis://`` and ``rediss://`` URLs
 work unchanged.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -64,6 +70,23 @@ class Channel(kombu_redis.Channel):
     """A Redis channel that refuses malformed messages instead of dying on them."""
 
     Message = Message
+    _shared: tuple[Any, Any] | None = None  # (connection pool, client on it)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """The given client, or this channel's own (kombu would build a new one each time).
+
+        A ``redis.Redis`` takes a pooled connection per command, so one client is safe across
+        threads; it is rebuilt when kombu replaces the channel's pool (reconnects, forks).
+        """
+        if client:
+            yield client
+            return
+        pool = self.pool
+        shared = self._shared
+        if shared is None or shared[0] is not pool:
+            shared = self._shared = (pool, self._create_client())
+        yield shared[1]
 
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
                       **kwargs: Any) -> Any:

@@ -1,0 +1,67 @@
+"""Celery's Redis result backend, writing each result in one round trip instead of two.
+
+Before it stores a result, Celery reads the stored one (a GET) so that a lost task run twice
+never overwrites a SUCCESS; then it writes (SET and PUBLISH in a transaction). That read is a
+second Redis round trip for every task, on the worker's path to every answer. This backend does
+the same check inside Redis, in one Lua script: the stored value is left alone if it is a
+SUCCESS, else the new one is set (with its expiry) and published to the result's channel. One
+round trip, and atomic (Celery's read-then-write can still race between two workers).
+
+Selected by the fleet's Celery config (``result_backend``); ``redis://`` and ``rediss://`` URLs
+work unchanged. Results are JSON (``result_serializer``), which the script decodes with cjson;
+a stored value it cannot decode is overwritten, as Celery's check would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+
+#: KEYS[1] result key; ARGV[1] encoded meta, ARGV[2] expiry in seconds (0: none).
+STORE_UNLESS_SUCCESS = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class ResultBackend(RedisBackend):  # type: ignore[misc]
+    """Redis result backend whose result write is one atomic round trip."""
+
+    _script: Any = None
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
+                                     request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state,
+                                    task_id=task_id)
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        self.ensure(self._store_unless_success,
+                    (self.get_key_for_task(task_id), value, expires))
+        return result
+
+    def _store_unless_success(self, key: Any, value: Any, expires: Any) -> None:
+        if self._script is None:
+            # A Script reloads itself after a Redis restart flushed it (NOSCRIPT).
+            self._script = self.client.register_script(STORE_UNLESS_SUCCESS)
+        self._script(keys=[key], args=[value, int(expires or 0)])
