@@ -41,7 +41,7 @@ return 1
 """
 
 
-class ResultBackend(RedisBackend):  # type: ignore[misc]
+class ResultBackend(RedisBackend):
     """Redis result backend whose result write is one atomic round trip."""
 
     _script: Any = None
