@@ -1,14 +1,14 @@
 """Run the whole benchmark suite: ``python -m benchmarks.run`` (or ``make bench``).
 
-Every system runs alone on the machine, one after the other, on the same prompts and model, in
-one run; each figure is the median of ``--reps`` repetitions. Prints a table, writes
-``benchmarks/results/latest.json`` and ``benchmarks/results/latest.png``.
+Every system runs alone on the machine, on the same prompts and model, in one run; each figure
+is the median of ``--reps`` repetitions. The direct engine's and the fleet's repetitions are
+interleaved (both stay resident), so their ratios compare runs that met the same noise. Prints
+a table, writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +19,7 @@ from typing import Any
 from benchmarks import processes, report
 from benchmarks.systems import fleet as fleet_system
 from benchmarks.systems import openai_server
+from benchmarks.systems.direct import DirectEngine
 from benchmarks.workloads import Workload, prompts, workloads
 from producer.localredis import LocalRedis, free_port
 
@@ -37,8 +38,11 @@ def main() -> None:
         _configure_this_process(env)
         results: dict[str, Any] = {"machine": report.machine(), "reps": args.reps,
                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        steps = {"direct": bench_direct, "fleet": bench_fleet, "openai": bench_openai,
-                 "naive": bench_naive, "overhead": bench_overhead}
+        engines = frozenset({"direct", "fleet"} - set(args.skip))
+        if engines:
+            print(f"== {' and '.join(sorted(engines))}, interleaved", flush=True)
+            results.update(bench_engines(env, args.reps, engines))
+        steps = {"openai": bench_openai, "naive": bench_naive, "overhead": bench_overhead}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -67,28 +71,57 @@ def _timed(fn: Any, w: Workload, reps: int, *args: Any) -> list[float]:
     return [fn(w, *args) for _ in range(reps)]
 
 
-def bench_direct(env: dict[str, str], reps: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.systems.direct", str(reps)],
-                         env=env, capture_output=True, text=True, check=True)
-    data = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"times": data["times"], "rss_bytes": data["rss_bytes"]}
+def bench_engines(env: dict[str, str], reps: int,
+                  systems: frozenset[str] = frozenset({"direct", "fleet"})) -> dict[str, Any]:
+    """The direct engine and the fleet, their repetitions interleaved workload by workload.
 
-
-def bench_fleet(env: dict[str, str], reps: int) -> dict[str, Any]:
+    Both stay resident (the idle one waits on a pipe or a queue, using no CPU), so each pair
+    of figures meets the same noise from the shared machine, instead of one system running
+    minutes after the other.
+    """
     from producer.client import wait_for_engine
 
-    worker = processes.fleet_worker("tiny", "bench-1", env)
+    direct: DirectEngine | None = None
+    worker: subprocess.Popen[bytes] | None = None
     try:
-        wait_for_engine("tiny", timeout=300)
-        batch, delay = {}, {}
+        if "direct" in systems:
+            direct = DirectEngine(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.systems.direct"], env=env, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            direct.ask()  # loaded and warm
+        if "fleet" in systems:
+            worker = processes.fleet_worker("tiny", "bench-1", env)
+            wait_for_engine("tiny", timeout=300)
+        times: dict[str, dict[str, list[float]]] = {"direct": {}, "batch": {}, "delay": {}}
         for w in workloads():
-            batch[w.name] = _timed(fleet_system.through_batch_helper, w, reps, "tiny")
-            delay[w.name] = _timed(fleet_system.through_delay, w, reps, "tiny")
-            print(f"   {w.name}: batch {_median(batch[w.name]):.3f}s "
-                  f"delay {_median(delay[w.name]):.3f}s", flush=True)
-        return {"batch": batch, "delay": delay, "rss_bytes": processes.rss(worker)}
+            if worker is not None:  # warm up the fleet's path as the direct engine warmed up
+                small = Workload(w.name, w.prompts[:64], w.max_tokens[:64])
+                fleet_system.through_batch_helper(small, "tiny")
+                fleet_system.through_delay(small, "tiny")
+            for _ in range(reps):
+                if direct is not None:
+                    times["direct"].setdefault(w.name, []).append(direct.run(w.name))
+                if worker is not None:
+                    times["batch"].setdefault(w.name, []).append(
+                        fleet_system.through_batch_helper(w, "tiny"))
+                    times["delay"].setdefault(w.name, []).append(
+                        fleet_system.through_delay(w, "tiny"))
+            print("   " + w.name + ": " + ", ".join(
+                f"{system} {_median(t[w.name]):.3f}s" for system, t in times.items()
+                if w.name in t), flush=True)
+        out: dict[str, Any] = {}
+        if direct is not None:
+            out["direct"] = {"times": times["direct"], "rss_bytes": direct.ask("rss")["rss_bytes"]}
+        if worker is not None:
+            out["fleet"] = {"batch": times["batch"], "delay": times["delay"],
+                            "rss_bytes": processes.rss(worker)}
+        return out
     finally:
-        processes.stop(worker)
+        if worker is not None:
+            processes.stop(worker)
+        if direct is not None:
+            direct.process.stdin.close()
+            direct.process.wait(60)
 
 
 def bench_openai(env: dict[str, str], reps: int) -> dict[str, Any]:

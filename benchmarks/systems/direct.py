@@ -1,6 +1,10 @@
 """The ceiling: one ``vllm.LLM.generate()`` call over all prompts, same engine settings.
 
-Run as ``python -m benchmarks.systems.direct REPS``; prints one JSON document.
+Run as ``python -m benchmarks.systems.direct``: it loads the engine, warms each workload's
+shapes, then serves the benchmark on stdin, one line per request: a workload name runs that
+workload once and answers its time; ``rss`` answers the process's memory. Answers are JSON lines
+prefixed with ``BENCH`` (vLLM logs to stdout too). Kept resident so that its repetitions can be
+interleaved with the fleet's: on a shared, noisy machine both then meet the same noise.
 """
 
 from __future__ import annotations
@@ -9,35 +13,63 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as in a fleet worker
 
+PREFIX = "BENCH "
 
-def main(reps: int) -> None:
+
+def answer(value: dict[str, Any]) -> None:
+    print(PREFIX + json.dumps(value), flush=True)
+
+
+def main() -> None:
     import psutil
     from vllm import LLM, SamplingParams
 
     from benchmarks.workloads import workloads
     from producer.settings import get_settings
 
-    settings = get_settings()
-    cfg = settings.model("tiny")
+    cfg = get_settings().model("tiny")
     llm = LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
               enforce_eager=cfg.enforce_eager, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
               max_num_seqs=cfg.max_num_seqs, seed=cfg.seed, disable_log_stats=True)
-    out: dict[str, list[float]] = {}
+    runs = {}
     for w in workloads():
         params = [SamplingParams(max_tokens=n, temperature=0.0) for n in w.max_tokens]
         llm.generate(w.prompts[:64], params[:64], use_tqdm=False)  # warm the shapes
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            llm.generate(w.prompts, params, use_tqdm=False)
-            times.append(time.perf_counter() - t0)
-        out[w.name] = times
-    rss = psutil.Process().memory_info().rss
-    print(json.dumps({"times": out, "rss_bytes": rss}))
+        runs[w.name] = (w.prompts, params)
+    answer({"ready": True})
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "rss":
+            answer({"rss_bytes": psutil.Process().memory_info().rss})
+            continue
+        prompts, params = runs[name]
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        answer({"time": time.perf_counter() - t0})
+
+
+class DirectEngine:
+    """The benchmark's handle on a resident direct-engine process."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def ask(self, line: str | None = None) -> dict[str, Any]:
+        if line is not None:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        for out in self.process.stdout:
+            if out.startswith(PREFIX):
+                return dict(json.loads(out[len(PREFIX):]))
+        raise RuntimeError(f"the direct engine exited ({self.process.wait()})")
+
+    def run(self, name: str) -> float:
+        return float(self.ask(name)["time"])
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main()
