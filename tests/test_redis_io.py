@@ -4,12 +4,15 @@ transport's reused client. Against the session's real Redis; no worker needed.""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
 from celery import states
 from kombu import Connection
+from kombu.utils.encoding import bytes_to_str
 
 from producer.backend import ResultBackend
 
@@ -128,3 +131,104 @@ def test_the_transport_reuses_one_client_per_channel(
         with channel.conn_or_acquire() as third:
             assert third is not first and third.ping()
         assert len(built) == 2
+
+
+def _queue_with(redis_client: Any, app: Any, bodies: list[Any]) -> str:
+    """A fresh queue holding ``bodies`` (dicts go as kombu messages, bytes as they are)."""
+    queue = f"fleet.test.{uuid.uuid4().hex}"
+    _publish(app, queue, bodies, redis_client)
+    return queue
+
+
+def _publish(app: Any, queue: str, bodies: list[Any], redis_client: Any = None) -> None:
+    conn = Connection(app.conf.broker_url, transport="producer.transport:Transport")
+    with conn, conn.Producer() as producer:
+        for body in bodies:
+            if isinstance(body, bytes):
+                redis_client.lpush(queue, body)
+            else:
+                producer.publish(body, routing_key=queue, declare=[])
+
+
+def _consume(app: Any, queue: str, prefetch: int, on_message: Any) -> Any:
+    conn = Connection(app.conf.broker_url, transport="producer.transport:Transport")
+    consumer = conn.Consumer([conn.SimpleQueue(queue).queue], callbacks=[on_message],
+                             accept=["json"])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    return conn, consumer
+
+
+def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
+    app: Any, redis_client: Any
+) -> None:
+    """One BRPOP that finds messages waiting brings the prefetch room's worth of them, each
+    recorded in kombu's unacked set exactly as kombu records one (so it can be restored)."""
+    queue = _queue_with(redis_client, app, [{"n": i} for i in range(50)])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 20, lambda body, message: got.append(message))
+    try:
+        conn.drain_events(timeout=2)
+        assert [m.payload["n"] for m in got] == list(range(20))  # oldest first, prefetch held
+        assert redis_client.llen(queue) == 30
+        channel = consumer.channel
+        recorded = {bytes_to_str(t) for t in redis_client.hkeys(channel.unacked_key)}
+        tags = {m.delivery_tag for m in got}
+        assert tags <= recorded
+        assert not channel.recorded  # every taken tag went through QoS.append
+        entry = json.loads(redis_client.hget(channel.unacked_key, got[5].delivery_tag))
+        assert entry == [got[5]._raw, got[5].delivery_info["exchange"],
+                         got[5].delivery_info["routing_key"]]
+        assert redis_client.zscore(channel.unacked_index_key, got[5].delivery_tag) is not None
+
+        channel.qos.restore_by_tag(got[5].delivery_tag)  # what a dead worker's sweep does
+        assert redis_client.llen(queue) == 31
+        for m in got[:5] + got[6:]:
+            m.ack()
+        assert not tags & {bytes_to_str(t) for t in redis_client.hkeys(channel.unacked_key)}
+    finally:
+        conn.release()
+        redis_client.delete(queue)
+
+
+def test_a_malformed_message_in_a_backlog_fails_alone(app: Any, redis_client: Any) -> None:
+    bad = b"{not json " + uuid.uuid4().hex.encode()
+    bodies: list[Any] = [{"n": 0}, {"n": 1}, bad, {"n": 2}]
+    queue = _queue_with(redis_client, app, bodies)
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    try:
+        conn.drain_events(timeout=2)
+        assert [m.payload["n"] for m in got] == [0, 1, 2]
+        assert bad in redis_client.lrange("fleet.dead.malformed", 0, -1)
+        assert redis_client.llen(queue) == 0
+        for m in got:
+            m.ack()
+        assert not {m.delivery_tag for m in got} & {
+            bytes_to_str(t) for t in redis_client.hkeys(consumer.channel.unacked_key)}
+    finally:
+        conn.release()
+        redis_client.delete(queue)
+
+
+def test_a_message_that_waited_is_taken_alone(
+    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At low load the BRPOP waits: one message, no extra round trip (kombu's own path)."""
+    queue = _queue_with(redis_client, app, [])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    takes: list[int] = []
+    monkeypatch.setattr(consumer.channel, "_take_backlog", lambda: takes.append(1))
+
+    def publish_later() -> None:
+        time.sleep(0.2)
+        _publish(app, queue, [{"n": i} for i in range(3)])
+
+    threading.Thread(target=publish_later).start()
+    try:
+        conn.drain_events(timeout=5)
+        assert len(got) == 1 and takes == []
+    finally:
+        conn.release()
+        redis_client.delete(queue)
