@@ -211,10 +211,15 @@ def test_revoked_running_task_is_aborted_in_the_engine(faults: FaultFleet, app: 
 
 def test_get_timeout_leaves_the_task_running(faults: FaultFleet) -> None:
     faults.worker()
-    handle = generate.delay("take your time", model=MODEL, max_tokens=300)
+    # Celery checks a get() timeout between waits of up to 1 s on the result channel, so the
+    # task must take clearly longer than that: it shares the engine with a running batch.
+    busy = generate_many.delay([{"prompt": f"busy {i}", "max_tokens": 300, "ignore_eos": True}
+                                for i in range(64)], model=MODEL)
+    handle = generate.delay("take your time", model=MODEL, max_tokens=300, ignore_eos=True)
     with pytest.raises(CeleryTimeout):
         handle.get(timeout=0.05)
     assert handle.get(timeout=TIMEOUT)["completion_tokens"] == 300
+    assert all(item["ok"]["completion_tokens"] == 300 for item in busy.get(timeout=TIMEOUT))
 
 
 def test_redis_restart(faults: FaultFleet, workers_ab: tuple[WorkerProc, WorkerProc],
