@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from producer.errors import EngineFailed
+from producer.errors import EngineFailed, InvalidRequest
 from producer.settings import ModelConfig
 from workers.engines.base import EngineRequest
 
@@ -32,9 +32,16 @@ class StandInLLMEngine:
         self.stepping = threading.Event()
         self.die = False
         self.waiting: list[str] = []
+        self.tokenizer_calls: list[int] = []
 
     def get_tokenizer(self) -> Any:
-        return SimpleNamespace(encode=lambda text, **_: list(range(len(text.split()))))
+        def tokenize(texts: list[str], **_: Any) -> dict[str, list[list[int]]]:
+            self.tokenizer_calls.append(len(texts))
+            if any("refused" in text for text in texts):
+                raise ValueError("the tokenizer refuses this text")
+            return {"input_ids": [list(range(len(text.split()))) for text in texts]}
+
+        return tokenize
 
     def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
         self.waiting.append(request_id)
@@ -89,3 +96,33 @@ def test_a_dying_engine_fails_every_waiting_request_and_reports_not_ready(engine
     assert not eng.ping(0.5)
     with pytest.raises(EngineFailed):
         eng.submit([_request(3)])[0].result(timeout=5)
+
+
+def test_what_arrives_together_is_tokenized_in_one_call(engine: Any) -> None:
+    eng, stand_in = engine
+    stand_in.gate.clear()  # hold the engine in a step while the next requests arrive
+    stand_in.stepping.clear()
+    first = eng.submit([_request(0)])[0]
+    assert stand_in.stepping.wait(30)
+    calls = len(stand_in.tokenizer_calls)
+    futures = eng.submit([_request(i) for i in range(1, 9)])
+    stand_in.gate.set()
+    assert [f.result(timeout=5).text for f in [first, *futures]] == ["ok"] * 9
+    assert stand_in.tokenizer_calls[calls:] == [8]
+
+
+def test_a_text_the_tokenizer_refuses_fails_alone(engine: Any) -> None:
+    eng, stand_in = engine
+    stand_in.gate.clear()
+    stand_in.stepping.clear()
+    first = eng.submit([_request(0)])[0]
+    assert stand_in.stepping.wait(30)
+    bad = EngineRequest("bad", {"max_tokens": 1}, prompt="refused words")
+    futures = eng.submit([_request(1), bad, _request(2)])
+    stand_in.gate.set()
+    assert first.result(timeout=5).text == "ok"
+    assert futures[0].result(timeout=5).text == "ok"
+    assert futures[2].result(timeout=5).text == "ok"
+    with pytest.raises(InvalidRequest, match="ValueError: the tokenizer refuses"):
+        futures[1].result(timeout=5)
+    assert eng.ping(2.0)  # the engine lives on

@@ -9,10 +9,10 @@ from celery.result import ResultSet
 
 from benchmarks.workloads import Workload
 from producer import generate
-from producer.client import generate_batch
+from producer.client import DEFAULT_CHUNK, generate_batch
 
 
-def through_batch_helper(w: Workload, model: str, chunk_size: int = 64) -> float:
+def through_batch_helper(w: Workload, model: str, chunk_size: int = DEFAULT_CHUNK) -> float:
     items = [{"prompt": p, "max_tokens": n} for p, n in zip(w.prompts, w.max_tokens, strict=True)]
     t0 = time.perf_counter()
     results = generate_batch(items, model=model, temperature=0.0, chunk_size=chunk_size,

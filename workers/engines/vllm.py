@@ -35,6 +35,13 @@ SAMPLING_KEYS = (
 )
 
 
+def _request_error(error: Exception) -> FleetError:
+    """A fleet error stays as it is; anything else is vLLM refusing this one request."""
+    if isinstance(error, FleetError):
+        return error
+    return InvalidRequest(f"{type(error).__name__}: {error}")
+
+
 class VLLMEngine:
     """A vLLM engine with continuous batching across callers."""
 
@@ -177,8 +184,8 @@ class VLLMEngine:
                 closing = self._closing
             for answered in pings:
                 answered.set()
-            for request, future in inbox:
-                self._add(request, future, pending)
+            if inbox:
+                self._add_all(inbox, pending)
             if aborts:
                 self._abort(aborts, pending)
             if not pending:
@@ -206,33 +213,74 @@ class VLLMEngine:
                 for future in futures:
                     future.set_result(result)
 
+    def _add_all(
+        self,
+        inbox: list[tuple[EngineRequest, Future[EngineOutput]]],
+        pending: dict[str, tuple[list[Future[EngineOutput]], int]],
+    ) -> None:
+        """Tokenize what arrived in one batch call (the fast tokenizer's batch path costs a
+        fraction of one call per prompt), then add each request on its own."""
+        texts: list[tuple[EngineRequest, Future[EngineOutput], str, bool]] = []
+        for request, future in inbox:
+            try:
+                texts.append((request, future, *self._text(request)))
+            except Exception as e:
+                future.set_exception(_request_error(e))
+        try:
+            ids_of: list[list[int] | Exception] = list(
+                self._encode([(text, special) for _, _, text, special in texts]))
+        except Exception:  # a text the tokenizer refuses fails alone: one call each
+            ids_of = [self._encode_alone(text, special) for _, _, text, special in texts]
+        for (request, future, _, _), ids in zip(texts, ids_of, strict=True):
+            if isinstance(ids, Exception):
+                future.set_exception(_request_error(ids))
+            else:
+                self._add(request, future, ids, pending)
+
     def _add(
         self,
         request: EngineRequest,
         future: Future[EngineOutput],
+        ids: list[int],
         pending: dict[str, tuple[list[Future[EngineOutput]], int]],
     ) -> None:
         if request.request_id in pending:  # a redelivered copy of a request still running
             pending[request.request_id][0].append(future)
             return
         try:
-            ids = self._tokenize(request)
+            self._check_length(ids)
             params = self._sampling_params(request.sampling, len(ids))
             self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params)
-        except FleetError as e:
-            future.set_exception(e)
-        except Exception as e:  # vLLM's own validation of this one request
-            future.set_exception(InvalidRequest(f"{type(e).__name__}: {e}"))
+        except Exception as e:  # ours, or vLLM's own validation of this one request
+            future.set_exception(_request_error(e))
         else:
             pending[request.request_id] = ([future], len(ids))
 
-    def _tokenize(self, request: EngineRequest) -> list[int]:
-        tok = self._tokenizer
+    def _text(self, request: EngineRequest) -> tuple[str, bool]:
+        """What to tokenize, and whether the tokenizer adds its special tokens to it."""
         if request.messages is not None:
-            text = vllm_options.render_chat(tok, request, self.config)  # tools, template
-            ids = tok.encode(text, add_special_tokens=False)
-        else:
-            ids = tok.encode(request.prompt or "")
+            # The chat template (with tools) already wrote the special tokens.
+            return vllm_options.render_chat(self._tokenizer, request, self.config), False
+        return request.prompt or "", True
+
+    def _encode(self, texts: list[tuple[str, bool]]) -> list[list[int]]:
+        ids: list[list[int]] = [[] for _ in texts]
+        for special in (True, False):
+            where = [i for i, (_, s) in enumerate(texts) if s is special]
+            if where:
+                encoded = self._tokenizer([texts[i][0] for i in where],
+                                          add_special_tokens=special)["input_ids"]
+                for i, one in zip(where, encoded, strict=True):
+                    ids[i] = list(one)
+        return ids
+
+    def _encode_alone(self, text: str, special: bool) -> list[int] | Exception:
+        try:
+            return self._encode([(text, special)])[0]
+        except Exception as e:
+            return e
+
+    def _check_length(self, ids: list[int]) -> None:
         if not ids:
             raise InvalidRequest("prompt: empty after tokenization")
         if len(ids) >= self.max_model_len:
@@ -240,7 +288,6 @@ class VLLMEngine:
                 f"prompt: {len(ids)} tokens, but model {self.model_id!r} takes at most "
                 f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})"
             )
-        return list(ids)
 
     def _sampling_params(self, sampling: dict[str, Any], prompt_tokens: int) -> Any:
         from vllm import SamplingParams
