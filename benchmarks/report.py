@@ -69,12 +69,28 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             "fake worker RSS MB": o["worker_rss_bytes"] / MB,
         }
     if "fleet" in raw and "direct" in raw:
+        out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         out["memory"] = {
             "fleet worker RSS MB": raw["fleet"]["rss_bytes"] / MB,
             "direct engine process RSS MB": raw["direct"]["rss_bytes"] / MB,
             "worker beyond the engine MB": (raw["fleet"]["rss_bytes"]
                                             - raw["direct"]["rss_bytes"]) / MB,
         }
+    return out
+
+
+def _paired(direct: dict[str, list[float]], fleet: dict[str, Any]) -> dict[str, float]:
+    """Fleet / direct per interleaved repetition (each pair met the same noise): the median
+    and the lowest and highest pair, so a reader sees how far the machine's noise reaches."""
+    out: dict[str, float] = {}
+    for path, label in (("batch", "batch helper"), ("delay", ".delay()")):
+        for name, times in fleet.get(path, {}).items():
+            pairs = [d / f for d, f in zip(direct.get(name, []), times, strict=False)]
+            if pairs:
+                key = f"fleet ({label}) / direct, {name}, paired"
+                out[f"{key} median"] = statistics.median(pairs)
+                out[f"{key} lowest"] = min(pairs)
+                out[f"{key} highest"] = max(pairs)
     return out
 
 
@@ -87,10 +103,11 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("overhead", "memory"):
+    for section in ("paired", "overhead", "memory"):
         if section in figs:
             lines.append("")
-            lines += [f"{k:<60}{v:>10.2f}" for k, v in figs[section].items()]
+            digits = 3 if section == "paired" else 2
+            lines += [f"{k:<60}{v:>10.{digits}f}" for k, v in figs[section].items()]
     return "\n".join(lines)
 
 
