@@ -30,7 +30,7 @@ def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int 
         out["batch_helper_n"] = n_batch
         out["delay_s"] = [fleet_system.through_delay(small, "fake") for _ in range(reps)]
         out["delay_n"] = n_delay
-        out["latency_ms"] = _latencies(
+        out["latency_ms"] = latencies(
             lambda i: generate_one(f"ping {i}", model="fake", max_tokens=1, timeout=30),
             n_latency)
         out["worker_rss_bytes"] = processes.rss(worker)
@@ -52,14 +52,14 @@ def _stock_celery(env: dict[str, str], reps: int, n: int, n_latency: int) -> dic
             t0 = time.perf_counter()
             ResultSet([echo.delay(i) for i in range(n)]).join_native(timeout=600)
             times.append(time.perf_counter() - t0)
-        latency = _latencies(lambda i: echo.delay(i).get(timeout=30), n_latency)
+        latency = latencies(lambda i: echo.delay(i).get(timeout=30), n_latency)
         return {"delay_s": times, "delay_n": n, "latency_ms": latency}
     finally:
         noop_app.control.shutdown(destination=["noop@bench"])
         processes.stop(worker)
 
 
-def _latencies(call: Any, n: int) -> dict[str, float]:
+def latencies(call: Any, n: int) -> dict[str, float]:
     samples = []
     for i in range(n):
         t0 = time.perf_counter()
