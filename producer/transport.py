@@ -197,11 +197,10 @@ class Channel(kombu_redis.Channel):
         queues = list(self.active_queues)
         if count <= 0 or not queues or self.global_keyprefix:
             return
-        if self._take is None:
-            with self.conn_or_acquire() as client:
-                self._take = client.register_script(TAKE_BACKLOG)
         keys = [self.unacked_key, self.unacked_index_key, *(self._q_for_pri(q, 0) for q in queues)]
         with self.conn_or_acquire() as client:
+            if self._take is None:
+                self._take = client.register_script(TAKE_BACKLOG)
             taken = self._take(keys=keys, args=[count, time.time()], client=client)
         for i in range(0, len(taken), 3):
             queue, tag, raw = queues[int(taken[i]) - 1], bytes_to_str(taken[i + 1]), taken[i + 2]
