@@ -18,7 +18,10 @@ Two costs of kombu's transport are cut, both on the path of every task:
   up to its prefetch room of the waiting messages in one Lua script, which pops them and records
   them as unacknowledged in the same atomic step (kombu's BRPOP-then-record leaves a window in
   which a killed worker loses the message; this has none). At low load nothing changes: a BRPOP
-  that waited takes one message, as kombu does.
+  that waited takes one message, as kombu does. A take that found nothing was a wrong guess
+  (a caller sending task after task answers quickly too) and a round trip spent while the task
+  runs; until a take finds messages again, only an answer within one loopback round trip
+  counts as a backlog.
 
 Selected by the fleet's Celery config (``broker_transport``); ``redis://`` and ``rediss://`` URLs
 work unchanged.
@@ -68,6 +71,8 @@ def _check_envelope(payload: Any) -> None:
 
 #: A BRPOP answered sooner than this found messages waiting: take more of them at once.
 BACKLOG_REPLY_S = 0.002
+#: ... or sooner than this, after a take that found nothing.
+BACKLOG_REPLY_QUIET_S = 0.0005
 #: At most this many messages per take (besides the prefetch room).
 TAKE_MAX = 128
 
@@ -140,6 +145,8 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _shared: tuple[Any, Any] | None = None  # (connection pool, client on it)
     _take: Any = None  # the registered TAKE_BACKLOG script
+    #: A BRPOP answer sooner than this means a backlog (see BACKLOG_REPLY_QUIET_S).
+    _backlog_reply_s = BACKLOG_REPLY_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -180,23 +187,28 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options: Any) -> Any:
         sent_at = self._brpop_sent_at
-        backlog = sent_at is not None and time.monotonic() - sent_at < BACKLOG_REPLY_S
+        backlog = sent_at is not None and time.monotonic() - sent_at < self._backlog_reply_s
         try:
             delivered = super()._brpop_read(**options)
         except ValueError as e:  # JSON, UTF-8, base64 and envelope errors are all ValueErrors
             self._refuse(e)
             raise Empty() from None
         if backlog and delivered:
-            self._take_backlog()
+            found = self._take_backlog()
+            if found is not None:
+                self._backlog_reply_s = BACKLOG_REPLY_S if found else BACKLOG_REPLY_QUIET_S
         return delivered
 
-    def _take_backlog(self) -> None:
-        """Take up to the prefetch room of waiting messages in one round trip, and deliver them."""
+    def _take_backlog(self) -> int | None:
+        """Take up to the prefetch room of waiting messages in one round trip, and deliver them.
+
+        Returns how many it found, or None if it could not look (no room, no queue).
+        """
         room = self.qos.can_consume_max_estimate()
         count = TAKE_MAX if room is None else min(room, TAKE_MAX)
         queues = list(self.active_queues)
         if count <= 0 or not queues or self.global_keyprefix:
-            return
+            return None
         keys = [self.unacked_key, self.unacked_index_key, *(self._q_for_pri(q, 0) for q in queues)]
         with self.conn_or_acquire() as client:
             if self._take is None:
@@ -213,6 +225,7 @@ class Channel(kombu_redis.Channel):
                 if tag:
                     self.recorded.discard(tag)
                     self.qos._remove_from_indices(tag).execute()
+        return len(taken) // 3
 
     def _refuse(self, error: ValueError) -> None:
         # Each error type keeps what it failed on: that is the raw message.

@@ -22,5 +22,8 @@ app.user_options["worker"].add(
     Option(["--gpus"], default=None, help="GPU ids to pin the engine to, e.g. 0,1.")
 )
 app.steps["worker"].add(EngineStep)
+# Task events leave a few ms late and together (workers/consumer.py); a default, so the
+# shared app's lazily read settings stay unread until the worker configures itself.
+app.add_defaults({"worker_consumer": "workers.consumer:Consumer"})
 
 __all__ = ["app"]
