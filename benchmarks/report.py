@@ -54,7 +54,10 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
                 ratios[f"{system} / naive Celery, {name}"] = value / rps["naive Celery"][name]
     out: dict[str, Any] = {"requests_per_s": rps, "ratios": ratios}
     if "overhead" in raw:
+        from benchmarks.systems.overhead import rounds
+
         o = raw["overhead"]
+        fleet_ms, stock_ms = rounds(o["latency_ms"]), rounds(o["stock"]["latency_ms"])
         batch_tps = o["batch_helper_n"] / med(o["batch_helper_s"])
         stock_tps = o["stock"]["delay_n"] / med(o["stock"]["delay_s"])
         out["overhead"] = {
@@ -62,10 +65,10 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             "fake .delay() tasks/s": o["delay_n"] / med(o["delay_s"]),
             "stock Celery no-op tasks/s": stock_tps,
             "fake batch helper / stock no-op": batch_tps / stock_tps,
-            "fake latency p50 ms": o["latency_ms"]["p50"],
-            "fake latency p99 ms": o["latency_ms"]["p99"],
-            "stock no-op latency p50 ms": o["stock"]["latency_ms"]["p50"],
-            "stock no-op latency p99 ms": o["stock"]["latency_ms"]["p99"],
+            "fake latency p50 ms": fleet_ms["p50"],
+            "fake latency p99 ms": fleet_ms["p99"],
+            "stock no-op latency p50 ms": stock_ms["p50"],
+            "stock no-op latency p99 ms": stock_ms["p99"],
             "fake worker RSS MB": o["worker_rss_bytes"] / MB,
         }
     if "fleet" in raw and "direct" in raw:
