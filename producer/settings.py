@@ -79,6 +79,10 @@ class ModelConfig(BaseModel):
     """Skip CUDA graphs / compilation (always wise on CPU)."""
     max_num_seqs: int | None = Field(default=None, ge=1)
     """Most requests the engine runs at once (its max batch size)."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens one engine step schedules (prompt chunks and decodes together). None:
+    ``vllm.LLM``'s default for the device (4,096 on CPU; 8,192-16,384 on GPUs), not the
+    smaller one vLLM's OpenAI server picks for streaming latency."""
     hf_overrides: dict[str, Any] = Field(default_factory=dict)
     """Overrides applied to the model's Hugging Face config (e.g. rope_scaling)."""
     chat_template: str | None = None

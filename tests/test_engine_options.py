@@ -29,14 +29,40 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
-def _engine_args(config: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> Any:
+def _engine_args(config: ModelConfig, monkeypatch: pytest.MonkeyPatch,
+                 calls: list[dict[str, Any]] | None = None) -> Any:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     seen: list[Any] = []
-    monkeypatch.setattr(LLMEngine, "from_engine_args", classmethod(
-        lambda cls, args, *a, **k: seen.append(args)))
+
+    def record(cls: Any, args: Any, *a: Any, **k: Any) -> None:
+        seen.append(args)
+        if calls is not None:
+            calls.append(k)
+
+    monkeypatch.setattr(LLMEngine, "from_engine_args", classmethod(record))
     VLLMEngine("m", config, tensor_parallel_size=1)._build()
     return seen[0]
+
+
+def test_the_engine_takes_vllm_llm_batch_defaults(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built as vllm.LLM builds its engine (per-step token budget of the offline class, not
+    LLMEngine's smaller fallback); a configured budget wins."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    calls: list[dict[str, Any]] = []
+    args = _engine_args(ModelConfig(model=str(tiny), enforce_eager=True), monkeypatch, calls)
+    context = calls[0]["usage_context"]
+    assert context == UsageContext.LLM_CLASS
+    budget = args.create_engine_config(context).scheduler_config.max_num_batched_tokens
+    llm_default = EngineArgs(model=str(tiny)).get_batch_defaults(1)[0][UsageContext.LLM_CLASS]
+    assert budget == llm_default
+    set_args = _engine_args(ModelConfig(model=str(tiny), enforce_eager=True,
+                                        max_num_batched_tokens=8192), monkeypatch)
+    assert set_args.max_num_batched_tokens == 8192
 
 
 def test_hf_overrides_change_the_engine_model_config(

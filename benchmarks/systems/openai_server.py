@@ -19,7 +19,19 @@ def server_argv(cfg: ModelConfig, port: int) -> list[str]:
             "--max-model-len", str(cfg.max_model_len), "--enforce-eager",
             "--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes),
             "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(cfg.seed),
+            "--max-num-batched-tokens", str(step_budget(cfg)),
             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
+
+
+def step_budget(cfg: ModelConfig) -> int:
+    """The per-step token budget of the fleet's engine and of vllm.LLM. The server's own
+    default is half of it on CPU; "same engine settings" means the same budget."""
+    if cfg.max_num_batched_tokens is not None:
+        return cfg.max_num_batched_tokens
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    return int(EngineArgs(model=cfg.model).get_batch_defaults(1)[0][UsageContext.LLM_CLASS])
 
 
 def run(w: Workload, port: int, concurrency: int) -> float:

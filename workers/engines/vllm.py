@@ -142,6 +142,7 @@ class VLLMEngine:
 
     def _build(self) -> Any:
         from vllm import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
         c = self.config
@@ -154,6 +155,7 @@ class VLLMEngine:
                 "gpu_memory_utilization": c.gpu_memory_utilization,
                 "kv_cache_memory_bytes": c.kv_cache_memory_bytes,
                 "max_num_seqs": c.max_num_seqs,
+                "max_num_batched_tokens": c.max_num_batched_tokens,
             }.items()
             if v is not None
         }
@@ -169,7 +171,10 @@ class VLLMEngine:
             **optional,
             **vllm_options.engine_kwargs(c),  # structured outputs; checks parser and template
         )
-        return LLMEngine.from_engine_args(args)
+        # vllm.LLM's defaults, as the fleet serves batches: LLMEngine's own context leaves
+        # the per-step token budget at 2,048 (half of LLM's on CPU), which took 71 engine
+        # steps for 1,024 x 32 where LLM.generate takes 48.
+        return LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
 
     def _serve(self) -> None:
         pending = self._pending
