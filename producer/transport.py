@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.transport.virtual import Empty
@@ -163,6 +164,13 @@ class Channel(kombu_redis.Channel):
         if client:
             yield client
             return
+        if self._pool is None and getattr(self.connection, "client", None) is None:
+            # The transport is closed (kombu cleared its client) and the pool with it: kombu
+            # would die on None.hostname rebuilding the pool, an AttributeError nobody expects
+            # while closing (a worker whose Redis restarted exited "Unrecoverable error" when
+            # its channel's close requeued held messages late). A connection error is what
+            # the closing code ignores; the held messages come back by the visibility sweep.
+            raise redis.exceptions.ConnectionError("the channel's transport is closed")
         pool = self.pool
         shared = self._shared
         if shared is None or shared[0] is not pool:
@@ -193,7 +201,7 @@ class Channel(kombu_redis.Channel):
         except ValueError as e:  # JSON, UTF-8, base64 and envelope errors are all ValueErrors
             self._refuse(e)
             raise Empty() from None
-        if backlog and delivered:
+        if backlog and delivered and not self._closing:
             found = self._take_backlog()
             if found is not None:
                 self._backlog_reply_s = BACKLOG_REPLY_S if found else BACKLOG_REPLY_QUIET_S

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis
 from celery import states
 from kombu import Connection
 from kombu.utils.encoding import bytes_to_str
@@ -265,4 +266,33 @@ def test_a_take_that_finds_nothing_makes_the_next_guess_stricter(
         assert [m.payload["n"] for m in got] == [0, 1]  # the takes were stand-ins
     finally:
         conn.release()
+        redis_client.delete(queue)
+
+
+def test_a_channel_closing_after_its_transport_fails_with_a_connection_error(
+    app: Any, redis_client: Any
+) -> None:
+    """Celery's consumer, when Redis dies under it, runs ``collect()`` (which clears the
+    transport's client) and then ``close()``; a channel whose close had stopped half way then
+    requeues its held messages only at the second close. Kombu rebuilt its pool there and
+    died on ``None.hostname`` (a worker lost to a Redis restart: "Unrecoverable error:
+    AttributeError"). Now the requeue meets a connection error, which closing code ignores;
+    the held message stays recorded in Redis for the visibility sweep."""
+    queue = _queue_with(redis_client, app, [{"n": 0}])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    channel = consumer.channel
+    try:
+        conn.drain_events(timeout=2)
+        assert len(got) == 1  # held, unacknowledged
+        channel._disconnect_pools()
+        channel.connection.client = None  # what collect() leaves behind
+        with pytest.raises(redis.exceptions.ConnectionError):
+            channel.qos.restore_unacked()
+        assert redis_client.hexists(channel.unacked_key, got[0].delivery_tag)
+    finally:
+        conn.release()  # the channel's close ignores the same connection error
+        for message in got:
+            redis_client.hdel(channel.unacked_key, message.delivery_tag)
+            redis_client.zrem(channel.unacked_index_key, message.delivery_tag)
         redis_client.delete(queue)

@@ -113,7 +113,7 @@ def test_sigkill_mid_batch_loses_nothing(faults: FaultFleet, redis_client: Any) 
 def test_batch_longer_than_visibility_timeout_runs_once(faults: FaultFleet,
                                                         redis_client: Any) -> None:
     worker = faults.worker()
-    items = [{"prompt": f"long {i}", "max_tokens": 480, "temperature": 0.0} for i in range(256)]
+    items = [{"prompt": f"long {i}", "max_tokens": 480, "temperature": 0.0} for i in range(768)]
     t0 = time.monotonic()
     handle = generate_many.delay(items, model=MODEL)
     out = handle.get(timeout=TIMEOUT)
@@ -142,7 +142,9 @@ def test_redelivered_task_with_a_stored_result_is_not_run_again(
 
 def test_poison_message_is_dead_lettered(faults: FaultFleet, redis_client: Any) -> None:
     worker = faults.worker()
-    poison = generate.delay("poison", model=MODEL, max_tokens=400)
+    # Long enough (64 x 480 tokens) that every delivery is still running when it is killed.
+    poison = generate_many.delay([{"prompt": "poison", "max_tokens": 480, "ignore_eos": True}]
+                                 * 64, model=MODEL)
     for delivery in range(1, MAX_DELIVERIES + 1):
         wait_until(lambda w=worker: received(w, poison.id), TIMEOUT,  # type: ignore[misc]
                    f"delivery {delivery}")
@@ -153,7 +155,7 @@ def test_poison_message_is_dead_lettered(faults: FaultFleet, redis_client: Any) 
     entry = json.loads(redis_client.lindex(f"fleet.dead.{MODEL}", 0))
     assert entry["id"] == poison.id
     assert entry["deliveries"] == MAX_DELIVERIES
-    assert entry["kwargs"]["prompt"] == "poison"
+    assert entry["kwargs"]["requests"][0]["prompt"] == "poison"
     later = generate.delay("the queue keeps flowing", model=MODEL, max_tokens=3)
     assert later.get(timeout=60)["completion_tokens"] == 3
 
@@ -193,7 +195,9 @@ def test_revoked_waiting_task_never_runs(faults: FaultFleet) -> None:
 def test_revoked_running_task_is_aborted_in_the_engine(faults: FaultFleet, app: Any) -> None:
     worker = faults.worker()
     served = engine_info(app, worker.node)["requests_served"]
-    items = [{"prompt": f"abort me {i}", "max_tokens": 480} for i in range(256)]
+    # ignore_eos: a sampled end token would finish one early and count it as served.
+    items = [{"prompt": f"abort me {i}", "max_tokens": 480, "ignore_eos": True}
+             for i in range(256)]
     handle = generate_many.delay(items, model=MODEL)
     wait_until(lambda: engine_info(app, worker.node)["running"] >= 64, 60, "it generates")
     t0 = time.monotonic()
