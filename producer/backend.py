@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.backends.redis import ResultConsumer as RedisResultConsumer
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
@@ -41,9 +42,28 @@ return 1
 """
 
 
+class ResultConsumer(RedisResultConsumer):
+    """Celery's waiter for results over pub/sub, without its reconnect gap.
+
+    After a lost connection Celery reads the results already stored, then subscribes again:
+    a result stored between the two (workers retry their writes the moment Redis is back)
+    was published to nobody and its ``get()`` waited until its timeout. Here the stored
+    results are read once more after the subscription is in place.
+    """
+
+    def _reconnect_pubsub(self) -> None:
+        super()._reconnect_pubsub()
+        with self._locked():
+            if self.subscribed_to:
+                for meta in self.backend.client.mget(self.subscribed_to):
+                    if meta:
+                        self.on_state_change(self._decode_result(meta), None)
+
+
 class ResultBackend(RedisBackend):
     """Redis result backend whose result write is one atomic round trip."""
 
+    ResultConsumer = ResultConsumer
     _script: Any = None
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,

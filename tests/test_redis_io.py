@@ -296,3 +296,37 @@ def test_a_channel_closing_after_its_transport_fails_with_a_connection_error(
             redis_client.hdel(channel.unacked_key, message.delivery_tag)
             redis_client.zrem(channel.unacked_index_key, message.delivery_tag)
         redis_client.delete(queue)
+
+
+def test_a_result_stored_while_the_result_consumer_reconnects_is_not_missed(
+    app: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get() waiting when Redis goes away: Celery's result consumer reconnects by reading
+    the stored results and then subscribing; a result stored in between (workers retry their
+    writes the moment Redis is back) was published to nobody, and get() waited out its
+    timeout (seen in the Redis-restart test). Here it arrives."""
+    from celery.result import AsyncResult
+
+    task_id = str(uuid.uuid4())
+    result = AsyncResult(task_id, app=app)
+    backend.add_pending_result(result)
+    consumer, client = backend.result_consumer, backend.client
+    original_pubsub, original_drain = client.pubsub, consumer._drain_one
+    lost: list[bool] = []
+
+    def drain_one(pubsub: Any, timeout: Any) -> Any:
+        if not lost:  # the first read meets a dead connection
+            lost.append(True)
+            with consumer.reconnect_on_error():
+                raise redis.exceptions.ConnectionError("Redis went away")
+        return original_drain(pubsub, timeout)
+
+    def pubsub_after_a_write(*args: Any, **kwargs: Any) -> Any:
+        backend.store_result(task_id, {"late": True}, states.SUCCESS)  # the worker's retry
+        monkeypatch.setattr(client, "pubsub", original_pubsub)
+        return original_pubsub(*args, **kwargs)
+
+    monkeypatch.setattr(consumer, "_drain_one", drain_one)
+    monkeypatch.setattr(client, "pubsub", pubsub_after_a_write)
+    assert result.get(timeout=3) == {"late": True}
+    assert lost
