@@ -203,16 +203,13 @@ class Channel(kombu_redis.Channel):
             self._take_backlog()
         return delivered
 
-    def _take_backlog(self) -> int | None:
-        """Take up to the prefetch room of waiting messages in one round trip, and deliver them.
-
-        Returns how many it found, or None if it could not look (no room, no queue).
-        """
+    def _take_backlog(self) -> None:
+        """Take up to the prefetch room of waiting messages in one round trip, and deliver them."""
         room = self.qos.can_consume_max_estimate()
         count = TAKE_MAX if room is None else min(room, TAKE_MAX)
         queues = list(self.active_queues)
         if count <= 0 or not queues or self.global_keyprefix:
-            return None
+            return
         keys = [self.unacked_key, self.unacked_index_key, *(self._q_for_pri(q, 0) for q in queues)]
         with self.conn_or_acquire() as client:
             if self._take is None:
@@ -229,7 +226,6 @@ class Channel(kombu_redis.Channel):
                 if tag:
                     self.recorded.discard(tag)
                     self.qos._remove_from_indices(tag).execute()
-        return len(taken) // 3
 
     def _refuse(self, error: ValueError) -> None:
         # Each error type keeps what it failed on: that is the raw message.

@@ -235,13 +235,18 @@ def test_a_message_that_waited_is_taken_alone(
         redis_client.delete(queue)
 
 
-def test_a_take_counts_what_it_found(app: Any, redis_client: Any) -> None:
+def test_a_take_delivers_what_it_found(app: Any, redis_client: Any) -> None:
     queue = _queue_with(redis_client, app, [{"n": i} for i in range(3)])
-    conn, consumer = _consume(app, queue, 10, lambda body, message: message.ack())
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
     channel = consumer.channel
     try:
-        assert channel._take_backlog() == 3
-        assert channel._take_backlog() == 0  # an empty queue: nothing taken
+        channel._take_backlog()
+        assert len(got) == 3
+        channel._take_backlog()
+        assert len(got) == 3  # an empty queue: nothing taken
+        for message in got:
+            message.ack()
     finally:
         conn.release()
         redis_client.delete(queue)
