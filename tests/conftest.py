@@ -7,16 +7,15 @@ touches another Redis. Engines start a few times per session, not per test.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import Fleet, WorkerProc, project_env
+from tests.harness import PROBE, Fleet, WorkerProc, project_env
+from tests.required import require_module, require_program
 
-CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 VISIBILITY_TIMEOUT = 4
 MAX_DELIVERIES = 2
 
@@ -56,18 +55,11 @@ kv_cache_memory_bytes = 268435456
 """
 
 
-def _require(what: str, ok: bool) -> None:
-    if not ok:
-        if CI:
-            pytest.fail(f"{what} is required in CI")
-        pytest.skip(f"{what} is not available here")
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
     from producer.localredis import LocalRedis
 
-    _require("redis-server", shutil.which("redis-server") is not None)
+    require_program("redis-server")
     with LocalRedis() as server:
         yield server
 
@@ -123,7 +115,7 @@ def tiny_dir(fleet_env: dict[str, str]) -> Path:
 
 @pytest.fixture(scope="session")
 def fleet(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    pytest.importorskip("vllm") if not CI else None
+    require_module("vllm")
     f = Fleet(fleet_env, tmp_path_factory.mktemp("logs"))
     yield f
     f.stop_all()
@@ -131,8 +123,9 @@ def fleet(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def workers_ab(fleet: Fleet, app: Any) -> tuple[WorkerProc, WorkerProc]:
-    """Engine a1 serving `tiny` and engine b1 serving `tiny-b` (pinned to GPU id 0)."""
-    a = fleet.start("tiny", "a1")
-    b = fleet.start("tiny-b", "b1", "--gpus", "0")
+    """Engine a1 serving `tiny` and engine b1 serving `tiny-b` (pinned to GPU id 0), each with
+    the engine probe (tests/engine_probe.py) loaded."""
+    a = fleet.start("tiny", "a1", include=PROBE)
+    b = fleet.start("tiny-b", "b1", gpus="0", include=PROBE)
     fleet.wait_ready(app, a, b)
     return a, b

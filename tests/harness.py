@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import psutil
 
 HOST = "test"
+PROBE = "tests.engine_probe"  # test-only: reads the worker's vLLM engine from inside
 READY_TIMEOUT_S = 240.0
 
 
@@ -50,20 +52,22 @@ class Fleet:
         self.logdir = logdir
         self.workers: list[WorkerProc] = []
 
-    def start(self, model: str, engine_id: str, *extra: str,
+    def start(self, model: str, engine_id: str, *, gpus: str = "",
               include: str | None = None) -> WorkerProc:
-        """A `fleet worker`; with ``include``, the same celery command line plus a module of
-        test-only remote-control commands (fault injection)."""
+        """A `fleet worker`; with ``include``, the same celery command line plus test-only
+        modules (the engine probe, fault injection), pinned as `fleet worker --gpus` pins."""
         log_path = self.logdir / f"worker-{engine_id}.log"
+        env = self.env
         argv = [sys.executable, "-m", "producer.cli", "worker", "--model", model,
-                "--engine-id", engine_id, "--host", HOST, "--loglevel", "INFO", *extra]
+                "--engine-id", engine_id, "--host", HOST, "--loglevel", "INFO", "--gpus", gpus]
         if include is not None:
             from producer.cli import worker_argv
 
-            argv = [*worker_argv(model, engine_id, "", int(self.env["FLEET_WORKER_CONCURRENCY"]),
-                                 "INFO", HOST), "--include", include, *extra]
+            argv = [*worker_argv(model, engine_id, gpus, int(self.env["FLEET_WORKER_CONCURRENCY"]),
+                                 "INFO", HOST), "--include", include]
+            env = {**env, "CUDA_VISIBLE_DEVICES": gpus} if gpus else env
         with log_path.open("wb") as log:
-            process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         worker = WorkerProc(model, engine_id, process, log_path)
         self.workers.append(worker)
         return worker
@@ -108,13 +112,48 @@ class Fleet:
             self.stop(worker)
 
 
-def engine_info(app: Any, node: str) -> dict[str, Any]:
-    """The worker's answer to `celery inspect engine`."""
-    replies = app.control.broadcast("engine", destination=[node], reply=True, timeout=2.0)
+def _reply(app: Any, command: str, node: str, **arguments: Any) -> dict[str, Any]:
+    replies = app.control.broadcast(command, destination=[node], reply=True, timeout=2.0,
+                                    arguments=arguments)
     for reply in replies:
         if node in reply:
             return dict(reply[node])
-    raise LookupError(f"{node} did not answer")
+    raise LookupError(f"{node} did not answer {command!r}")
+
+
+def engine_info(app: Any, node: str) -> dict[str, Any]:
+    """The worker's answer to `celery inspect engine`."""
+    return _reply(app, "engine", node)
+
+
+def engine_probe(app: Any, node: str, *, reset: bool = False) -> dict[str, Any]:
+    """What the worker's vLLM engine itself saw (tests/engine_probe.py): ``added`` (request id
+    -> times added), ``peak_unfinished`` since the last reset, ``unfinished`` now."""
+    return _reply(app, "probe", node, reset=reset)
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` still running (zombies count as gone); the list must not be
+    empty, or a check that none is left would pass on nothing."""
+    assert processes, "no process to check"
+    left = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc)
+        except psutil.NoSuchProcess:  # gone between the two questions
+            pass
+    return left
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.05) -> None:
+    """Until ``predicate()`` holds; TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(interval)
 
 
 def project_env(**extra: str) -> dict[str, str]:

@@ -14,11 +14,11 @@ import pytest
 
 from producer.errors import EngineFailed, InvalidRequest
 from producer.settings import ModelConfig
+from tests.required import require_module
 from workers.engines.base import EngineRequest
-
-pytest.importorskip("vllm")
-
 from workers.engines.vllm import VLLMEngine
+
+require_module("vllm")
 
 
 class StandInLLMEngine:

@@ -14,12 +14,12 @@ import pytest
 
 from producer.schema import ChatRequest, Sampling
 from producer.settings import ModelConfig, StructuredOutputsOptions
-
-pytest.importorskip("vllm")
-
+from tests.required import require_module
 from workers.engines import vllm_options
 from workers.engines.base import EngineRequest
 from workers.engines.vllm import VLLMEngine
+
+require_module("vllm")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from producer import generate
 from producer.localredis import free_port
-from tests.harness import WorkerProc
+from tests.harness import WorkerProc, wait_until
 
 
 def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
@@ -47,18 +47,24 @@ def flower(fleet_env: dict[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
     process = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower exited {process.returncode} before answering")
         try:
             urllib.request.urlopen(base + "/healthcheck", timeout=2)
-            break
         except urllib.error.HTTPError:
-            break  # answering, if only with 401
+            return True  # answering, if only with 401
         except OSError:
-            time.sleep(0.3)
-    yield base, auth
-    process.terminate()
-    process.wait(30)
+            return False
+        return True
+
+    try:
+        wait_until(answering, 60, "flower did not answer within 60 s", interval=0.3)
+        yield base, auth
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def _seen(base: str, auth: tuple[str, str], handles: list[Any], every: bool = False) -> bool:

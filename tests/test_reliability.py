@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from kombu.exceptions import OperationalError
 
 from producer import DeadLettered, generate, generate_many
 from tests.conftest import MAX_DELIVERIES, VISIBILITY_TIMEOUT
-from tests.harness import Fleet, WorkerProc, engine_info
+from tests.harness import PROBE, Fleet, WorkerProc, alive, engine_info, engine_probe, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -44,7 +43,7 @@ class FaultFleet:
         if self.current is None or self.current.process.poll() is not None:
             self.started += 1
             self.current = self.fleet.start(MODEL, f"f{self.started}",
-                                            include="tests.engine_faults")
+                                            include=f"tests.engine_faults,{PROBE}")
             self.fleet.wait_ready(self.app, self.current)
         return self.current
 
@@ -68,14 +67,6 @@ def redeliveries(redis_client: Any, task_id: str) -> int:
 
 def received(worker: WorkerProc, task_id: str) -> bool:
     return f"[{task_id}] received" in worker.log()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def _burst(n: int, tag: str) -> list[AsyncResult]:
@@ -108,26 +99,43 @@ def test_sigkill_mid_batch_loses_nothing(faults: FaultFleet, redis_client: Any) 
     assert max(counts.values()) <= 1
     assert all(results[h.id]["engine_id"] == back.engine_id for h in held)
     assert all(counts[h.id] == 1 for h in held)
+    # The engine itself: what was stored before the kill never reached it again; what the
+    # killed worker held reached it exactly once.
+    added = engine_probe(faults.app, back.node)["added"]
+    assert not set(before) & set(added)
+    assert all(added.get(h.id) == 1 for h in held)
 
 
-def test_batch_longer_than_visibility_timeout_runs_once(faults: FaultFleet,
+def test_batch_longer_than_visibility_timeout_runs_once(faults: FaultFleet, app: Any,
                                                         redis_client: Any) -> None:
     worker = faults.worker()
-    items = [{"prompt": f"long {i}", "max_tokens": 480, "temperature": 0.0} for i in range(768)]
-    t0 = time.monotonic()
-    handle = generate_many.delay(items, model=MODEL)
-    out = handle.get(timeout=TIMEOUT)
-    took = time.monotonic() - t0
-    assert took > 2 * VISIBILITY_TIMEOUT, f"took {took:.1f}s: too short to test redelivery"
-    assert all(item["ok"]["completion_tokens"] > 0 for item in out)
+    # Long by construction, however fast the engine: at least 64 steps of 0.25 s, 16 s in all,
+    # four visibility timeouts.
+    steps, delay = 64, VISIBILITY_TIMEOUT / 16
+    items = [{"prompt": f"long {i}", "max_tokens": steps, "ignore_eos": True,
+              "temperature": 0.0} for i in range(32)]
+    app.control.broadcast("probe_slow_steps", destination=[worker.node], reply=True,
+                          timeout=5, arguments={"seconds": delay})
+    try:
+        t0 = time.monotonic()
+        handle = generate_many.delay(items, model=MODEL)
+        out = handle.get(timeout=TIMEOUT)
+        took = time.monotonic() - t0
+    finally:
+        app.control.broadcast("probe_slow_steps", destination=[worker.node], reply=True,
+                              timeout=5, arguments={"seconds": 0.0})
+    assert took >= steps * delay > 2 * VISIBILITY_TIMEOUT
+    assert [item["ok"]["completion_tokens"] for item in out] == [steps] * len(items)
     assert redeliveries(redis_client, handle.id) == 0
     assert worker.log().count(f"[{handle.id}] received") == 1
+    added = engine_probe(app, worker.node)["added"]
+    assert [added.get(f"{handle.id}:{i}") for i in range(len(items))] == [1] * len(items)
 
 
 def test_redelivered_task_with_a_stored_result_is_not_run_again(
     faults: FaultFleet, app: Any, redis_client: Any
 ) -> None:
-    faults.worker()
+    worker = faults.worker()
     task_id = str(uuid.uuid4())
     stored = {"text": "stored before the redelivery", "finish_reason": "stop"}
     app.backend.store_result(task_id, stored, "SUCCESS")
@@ -135,9 +143,13 @@ def test_redelivered_task_with_a_stored_result_is_not_run_again(
     generate.apply_async(("Write a haiku",), {"model": MODEL, "max_tokens": 8}, task_id=task_id,
                          headers={"redelivered": True})
     wait_until(lambda: redeliveries(redis_client, task_id) == 1, 60, "the worker took the task")
-    assert generate.delay("after", model=MODEL, max_tokens=2).get(timeout=60)
+    after = generate.delay("after", model=MODEL, max_tokens=2)
+    assert after.get(timeout=60)["completion_tokens"] == 2
     wait_until(lambda: redis_client.hlen("unacked") == 0, 30, "the task was acknowledged")
     assert AsyncResult(task_id, app=app).get(timeout=5) == stored
+    # The engine itself never saw the redelivered task, and saw the one sent after it.
+    added = engine_probe(app, worker.node)["added"]
+    assert task_id not in added and added.get(after.id) == 1
 
 
 def test_poison_message_is_dead_lettered(faults: FaultFleet, redis_client: Any) -> None:
@@ -158,17 +170,20 @@ def test_poison_message_is_dead_lettered(faults: FaultFleet, redis_client: Any) 
     assert entry["kwargs"]["requests"][0]["prompt"] == "poison"
     later = generate.delay("the queue keeps flowing", model=MODEL, max_tokens=3)
     assert later.get(timeout=60)["completion_tokens"] == 3
+    # A dead-lettered delivery never reached the engine of the worker that refused it.
+    assert poison.id + ":0" not in engine_probe(faults.app, worker.node)["added"]
 
 
 def test_engine_death_requeues_and_exits_non_zero(faults: FaultFleet, app: Any,
                                                   redis_client: Any) -> None:
     dying = faults.worker()
+    tree = dying.tree()
     handles = _burst(80, "dying")
     wait_until(lambda: sum(h.ready() for h in handles) >= 3, TIMEOUT, "first results")
     app.control.broadcast("fault_engine_dead", destination=[dying.node], reply=True, timeout=5)
     code = dying.process.wait(120)
     assert code != 0
-    assert not dying.tree()
+    assert not alive(tree)
     assert "engine died" in dying.log()
     replacement = faults.worker()
     results = [h.get(timeout=TIMEOUT) for h in handles]
@@ -199,18 +214,24 @@ def test_revoked_running_task_is_aborted_in_the_engine(faults: FaultFleet, app: 
     items = [{"prompt": f"abort me {i}", "max_tokens": 480, "ignore_eos": True}
              for i in range(256)]
     handle = generate_many.delay(items, model=MODEL)
-    wait_until(lambda: engine_info(app, worker.node)["running"] >= 64, 60, "it generates")
+    # vLLM's own count of unfinished requests, not the fleet's bookkeeping.
+    wait_until(lambda: engine_probe(app, worker.node)["unfinished"] >= 64, 60, "it generates")
     t0 = time.monotonic()
     handle.revoke()
     with pytest.raises(TaskRevokedError):
         handle.get(timeout=60)
     # The result may say REVOKED a moment before the watcher's next look aborts the requests;
     # generating them to the end would take well over 10 s (see the long-batch test).
-    wait_until(lambda: engine_info(app, worker.node)["running"] == 0, 10, "aborted")
+    wait_until(lambda: engine_probe(app, worker.node)["unfinished"] == 0, 10, "aborted")
     print(f"revoked task left the engine {time.monotonic() - t0:.2f}s after revoke()")
     info = engine_info(app, worker.node)
     assert info["in_flight"] == 0
     assert info["requests_served"] == served  # aborted, not finished
+    # The next request has the engine to itself: nothing of the revoked task still runs.
+    engine_probe(app, worker.node, reset=True)
+    alone = generate.delay("alone", model=MODEL, max_tokens=8, ignore_eos=True)
+    assert alone.get(timeout=60)["completion_tokens"] == 8
+    assert engine_probe(app, worker.node)["peak_unfinished"] == 1
 
 
 def test_get_timeout_leaves_the_task_running(faults: FaultFleet) -> None:
@@ -232,14 +253,17 @@ def test_redis_restart(faults: FaultFleet, workers_ab: tuple[WorkerProc, WorkerP
     handles = _burst(100, "restart")
     time.sleep(0.5)
     redis_server.stop()  # SIGTERM: Redis writes its AOF and exits
-    t0 = time.monotonic()
-    with pytest.raises(OperationalError):
-        generate.delay("while Redis is down", model=MODEL, max_tokens=2)
-    print(f"a producer got OperationalError {time.monotonic() - t0:.1f}s into the outage")
-    time.sleep(2)
-    redis_server.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError):
+            generate.delay("while Redis is down", model=MODEL, max_tokens=2)
+        print(f"a producer got OperationalError {time.monotonic() - t0:.1f}s into the outage")
+        time.sleep(2)
+    finally:  # whatever failed above, later tests get their Redis back
+        redis_server.start()
     results = [h.get(timeout=TIMEOUT) for h in handles]  # queued before the restart: none lost
     assert all(r["completion_tokens"] >= 1 for r in results)
     for model in ("tiny", "tiny-b", MODEL):  # every worker consumes again
-        assert generate.delay("after", model=model, max_tokens=2).get(timeout=120)
+        after = generate.delay("after", model=model, max_tokens=2).get(timeout=120)
+        assert after["model"] == model and after["completion_tokens"] == 2
     assert all(w.process.poll() is None for w in (worker, *workers_ab))

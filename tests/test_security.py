@@ -129,6 +129,26 @@ def test_tls_acl_user_and_signed_messages_end_to_end(secure: Any) -> None:
     assert client.get(f"celery-task-meta-{task_id}") is None  # it never ran
     assert worker.process.poll() is None
 
+    # An unsigned control message is refused the same way: a shutdown nobody signed stops
+    # nothing, and the worker goes on serving signed tasks.
+    refusals = worker.log().count("Refusing to deserialize untrusted content")
+    _producer(
+        "import json\n"
+        "from producer import app\n"
+        f"app.control.broadcast('shutdown', destination=['{worker.node}'])\n"
+        "print(json.dumps(True))\n", unsigned, timeout=60)
+    deadline = time.monotonic() + 60
+    while worker.log().count("Refusing to deserialize untrusted content") == refusals:
+        assert time.monotonic() < deadline, "the unsigned control message was not refused"
+        time.sleep(0.3)
+    after = _producer(
+        "import json\n"
+        "from producer import generate\n"
+        "print(json.dumps(generate.delay('still here', model='tiny', max_tokens=3)"
+        ".get(timeout=120)))\n", signed)
+    assert after["completion_tokens"] == 3 and after["engine_id"] == "sec1"
+    assert worker.process.poll() is None
+
     # Nobody gets in without the ACL user's password, nor without TLS, nor as admin.
     with pytest.raises(redis.AuthenticationError):
         redis.Redis.from_url(server.url.replace(f":{server.password}@", ":wrong@")).ping()

@@ -15,6 +15,7 @@ import pytest
 
 from producer.schema import ChatRequest
 from producer.settings import ModelConfig, tiny_model_config
+from tests.required import require_module
 from workers import replies
 from workers.engines.base import EngineOutput, EngineRequest
 from workers.toolcalls import Call, ToolCallReader, fallback
@@ -44,7 +45,7 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_path: Path) -> Any:
-    pytest.importorskip("vllm")
+    require_module("vllm")
     from vllm.tokenizers import get_tokenizer
 
     return get_tokenizer(str(tiny_path))
@@ -188,7 +189,7 @@ def _reply(**request: Any) -> replies.Reply:
 
 @pytest.mark.parametrize("parallel", [None, False])
 def test_required_schema_is_the_one_vllm_builds(parallel: bool | None) -> None:
-    pytest.importorskip("vllm")
+    require_module("vllm")
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
     from vllm.tool_parsers.utils import get_json_schema_from_tools
 
@@ -232,8 +233,21 @@ def test_finish_shapes_the_result_like_openai() -> None:
     assert out["finish_reason"] == "tool_calls" and out["text"] == ""
     assert call["type"] == "function" and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == OSLO
-    assert call["id"] == replies.call_id("task-1", 0)  # the same on a redelivery
-    assert replies.call_id("task-1", 0) != replies.call_id("task-2", 0)
+    # Ids derive from the request id and the call's index: "call_" and the first 24 hex digits
+    # of sha256("<request id>:<index>") (here worked out with sha256sum), so a redelivered task
+    # answers with the same ids.
+    assert [c["id"] for c in out["tool_calls"]] == ["call_d6cecf4e90aa8c2006f6d9ff"]
+    both = _reply(tools=TOOLS, tool_choice="required")
+    two = '[{"name":"get_weather","parameters":{"city":"Oslo","days":2}},' \
+          '{"name":"get_time","parameters":{}}]'
+    for request_id, ids in [
+        ("task-1", ["call_d6cecf4e90aa8c2006f6d9ff", "call_882df700bdede6510d04f642"]),
+        ("task-2", ["call_8da3809dfeddb0c896db8f96", "call_e066af3023ecdd4b7754c05a"]),
+    ]:
+        out = replies.finish({"text": two, "finish_reason": "stop"},
+                             EngineOutput(two, "stop", 1, 2),
+                             EngineRequest(request_id, {}, messages=[], reply=both), config)
+        assert [c["id"] for c in out["tool_calls"]] == ids
 
     as_json = replies.plan(ChatRequest.model_validate({
         "messages": [{"role": "user", "content": "hi"}], "model": "m", "return_json": True}))

@@ -148,11 +148,10 @@ def test_json_schema_mode_returns_the_parsed_object(
 def test_vllm_extras_reach_the_engine(
     workers_ab: tuple[WorkerProc, WorkerProc], app: Any
 ) -> None:
-    result = generate.delay("Hello", model="tiny", max_tokens=4, min_tokens=4, ignore_eos=True,
-                            logprobs=2, temperature=0.0).get(timeout=TIMEOUT)
-    assert result["completion_tokens"] == 4
+    result = generate.delay("Hello", model="tiny", max_tokens=4, logprobs=2,
+                            temperature=0.0).get(timeout=TIMEOUT)
     tokens = result["logprobs"]
-    assert len(tokens) == 4
+    assert len(tokens) == result["completion_tokens"] > 0
     for token in tokens:
         assert token["logprob"] <= 0.0 and 2 <= len(token["top_logprobs"]) <= 3
         assert token["token_id"] in {t["token_id"] for t in token["top_logprobs"]}  # greedy
@@ -160,3 +159,22 @@ def test_vllm_extras_reach_the_engine(
     banned = generate.delay("Hello", model="tiny", max_tokens=4, temperature=0.0,
                             logit_bias={str(tokens[0]["token_id"]): -100.0}).get(timeout=TIMEOUT)
     assert banned["text"] != result["text"]
+
+
+def test_ignore_eos_and_min_tokens_change_where_generation_ends(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any, tiny_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    # Pushing the end token up makes the model stop at once, unless an extra says otherwise.
+    eos = AutoTokenizer.from_pretrained(str(tiny_dir)).eos_token_id
+    ask = {"model": "tiny", "max_tokens": 8, "temperature": 0.0, "logit_bias": {str(eos): 100.0}}
+    stops = generate.delay("Hello", **ask).get(timeout=TIMEOUT)
+    assert stops["finish_reason"] == "stop" and stops["text"] == ""
+    eos_counted = stops["completion_tokens"]  # the end token itself (vLLM counts it)
+    assert eos_counted <= 1
+    ignored = generate.delay("Hello", ignore_eos=True, **ask).get(timeout=TIMEOUT)
+    assert ignored["finish_reason"] == "length" and ignored["completion_tokens"] == 8
+    at_least = generate.delay("Hello", min_tokens=3, **ask).get(timeout=TIMEOUT)
+    assert at_least["finish_reason"] == "stop"
+    assert at_least["completion_tokens"] == 3 + eos_counted
