@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 from producer import RequestRejected, RequestTooLarge, chat, generate, generate_many
 from producer.schema import MAX_BATCH, MAX_PROMPT_CHARS, GenerateRequest
+from tests.field_errors import assert_names_field
 from tests.harness import WorkerProc
+from tests.redis_traffic import nothing_sent
 
-MODEL = "bad-input"  # served by no worker: anything enqueued would stay visible in its list
+MODEL = "bad-input"  # served by no worker
 FIELDS = set(GenerateRequest.model_fields)
 NUMERIC = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "seed"]
@@ -98,39 +100,33 @@ def malformed_chat(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     return {"messages": messages, "model": MODEL}, "messages"
 
 
-@pytest.fixture(scope="module")
-def empty_model_queue(app: Any, redis_client: Any) -> Any:
-    yield
-    assert redis_client.llen(f"fleet.model.{MODEL}") == 0  # nothing at all was enqueued
-
-
 @settings(max_examples=1500, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=malformed_generate())
-def test_malformed_generate_refused_before_enqueue(empty_model_queue: Any,
+def test_malformed_generate_refused_before_enqueue(app: Any,
                                                    case: tuple[dict[str, Any], str]) -> None:
     kwargs, field = case
-    with pytest.raises(RequestRejected) as refused:
+    with nothing_sent(), pytest.raises(RequestRejected) as refused:
         generate.delay(**kwargs)
-    assert field in str(refused.value)
+    assert_names_field(refused.value, field)
 
 
 @settings(max_examples=500, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=malformed_chat())
-def test_malformed_chat_refused_before_enqueue(empty_model_queue: Any,
+def test_malformed_chat_refused_before_enqueue(app: Any,
                                                case: tuple[dict[str, Any], str]) -> None:
     kwargs, field = case
-    with pytest.raises(RequestRejected) as refused:
+    with nothing_sent(), pytest.raises(RequestRejected) as refused:
         chat.delay(**kwargs)
-    assert field in str(refused.value)
+    assert_names_field(refused.value, field)
 
 
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bad=malformed_generate(), position=st.integers(0, 4))
 def test_malformed_item_in_a_batch_refused_naming_it(
-    empty_model_queue: Any, bad: tuple[dict[str, Any], str], position: int
+    app: Any, bad: tuple[dict[str, Any], str], position: int
 ) -> None:
     item, field = bad
     item.pop("model", None)
@@ -138,18 +134,22 @@ def test_malformed_item_in_a_batch_refused_naming_it(
         item["model"] = "x"
     items: list[dict[str, Any]] = [{"prompt": f"ok {i}"} for i in range(5)]
     items[position] = item
-    with pytest.raises(RequestRejected) as refused:
+    with nothing_sent(), pytest.raises(RequestRejected) as refused:
         generate_many.delay(items, model=MODEL)
-    assert f"requests.{position}" in str(refused.value)
+    assert_names_field(refused.value, f"requests.{position}.{field}")
 
 
-def test_limits(empty_model_queue: Any) -> None:
-    with pytest.raises(RequestRejected, match="prompt"):
-        generate.delay("x" * (MAX_PROMPT_CHARS + 1), model=MODEL)
-    with pytest.raises(RequestRejected, match="requests"):
-        generate_many.delay([{"prompt": "x"}] * (MAX_BATCH + 1), model=MODEL)
-    with pytest.raises(RequestTooLarge, match="FLEET_MAX_MESSAGE_BYTES"):
-        generate_many.delay([{"prompt": "x" * (MAX_PROMPT_CHARS - 1)}] * 9, model=MODEL)
+def test_limits(app: Any) -> None:
+    with nothing_sent():
+        with pytest.raises(RequestRejected) as long_prompt:
+            generate.delay("x" * (MAX_PROMPT_CHARS + 1), model=MODEL)
+        with pytest.raises(RequestRejected) as many:
+            generate_many.delay([{"prompt": "x"}] * (MAX_BATCH + 1), model=MODEL)
+        with pytest.raises(RequestTooLarge, match="FLEET_MAX_MESSAGE_BYTES") as large:
+            generate_many.delay([{"prompt": "x" * (MAX_PROMPT_CHARS - 1)}] * 9, model=MODEL)
+    assert_names_field(long_prompt.value, "prompt")
+    assert_names_field(many.value, "requests")
+    assert_names_field(large.value, "request")
 
 
 # --- raw messages on a real worker's queue --------------------------------------------------

@@ -4,11 +4,11 @@ on kombu's real event-loop hub; Flower's test sees the events of real tasks arri
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 from kombu.asynchronous import Hub
+from kombu.asynchronous.timer import Timer
 
 from workers.consumer import EVENT_FLUSH_DELAY_S, Consumer
 
@@ -21,10 +21,24 @@ class Dispatcher:
         self.flushes += 1
 
 
+class StoppedClock(Timer):
+    """Kombu's timer on a clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def enter_after(self, secs: float, entry: Any, priority: int = 0, time: Any = None) -> Any:
+        return super().enter_after(secs, entry, priority, time=lambda: self.now)
+
+    def __iter__(self, *args: Any) -> Any:
+        return super().__iter__(min, lambda: self.now)  # (min, nowfun)
+
+
 @pytest.fixture
 def consumer() -> Any:
     c = Consumer.__new__(Consumer)  # the flush logic only; no broker connection
-    c.hub = Hub()
+    c.hub = Hub(timer=StoppedClock())
     c.event_dispatcher = Dispatcher()
     yield c
     c.hub.close()
@@ -36,7 +50,8 @@ def _run_ready(hub: Hub) -> None:
 
 
 def test_events_buffered_together_leave_in_one_flush_after_the_delay(consumer: Any) -> None:
-    hub = consumer.hub
+    hub, clock = consumer.hub, consumer.hub.timer
+    start = clock.now
     consumer.on_send_event_buffered()  # task-received, on the loop's thread
     worker = threading.Thread(target=lambda: [consumer.on_send_event_buffered()
                                               for _ in range(2)])  # started, succeeded
@@ -46,7 +61,10 @@ def test_events_buffered_together_leave_in_one_flush_after_the_delay(consumer: A
     assert len(hub.timer.queue) == 1  # one flush scheduled for all three
     hub.fire_timers()
     assert consumer.event_dispatcher.flushes == 0  # not yet due
-    time.sleep(EVENT_FLUSH_DELAY_S * 2)
+    clock.now = start + EVENT_FLUSH_DELAY_S * 0.9
+    hub.fire_timers()
+    assert consumer.event_dispatcher.flushes == 0
+    clock.now = start + EVENT_FLUSH_DELAY_S
     hub.fire_timers()
     assert consumer.event_dispatcher.flushes == 1
 

@@ -1,5 +1,6 @@
-"""The fleet's Redis I/O on the hot path: the result backend's one-round-trip write and the
-transport's reused client. Against the session's real Redis; no worker needed."""
+"""The fleet's Redis I/O on the hot path: the result backend's one-round-trip write, the
+transport's reused client and its backlog take. Against the session's real Redis; no worker
+needed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from celery import states
 from kombu import Connection
 from kombu.utils.encoding import bytes_to_str
 
+from producer import transport
 from producer.backend import ResultBackend
+from tests.redis_traffic import CONNECTION_SETUP, round_trips
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def test_the_transport_reuses_one_client_per_channel(
 
         channel._disconnect_pools()  # what kombu does on a reconnect: the client follows
         with channel.conn_or_acquire() as third:
-            assert third is not first and third.ping()
+            assert third is not first and third.ping() is True
         assert len(built) == 2
 
 
@@ -160,23 +163,46 @@ def _consume(app: Any, queue: str, prefetch: int, on_message: Any) -> Any:
     return conn, consumer
 
 
+class _ReplyClock:
+    """The transport's clock, on which every BRPOP reply comes ``elapsed`` seconds after its
+    send: whether a reply counts as a backlog is then the test's choice, not the machine's."""
+
+    def __init__(self, channel: Any, elapsed: float) -> None:
+        self.channel, self.elapsed = channel, elapsed
+
+    def monotonic(self) -> float:
+        return float(self.channel._brpop_sent_at) + self.elapsed
+
+    time = staticmethod(time.time)
+
+
+def _replies_after(monkeypatch: pytest.MonkeyPatch, channel: Any, elapsed: float) -> None:
+    monkeypatch.setattr(transport, "time", _ReplyClock(channel, elapsed))
+
+
 def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
-    app: Any, redis_client: Any
+    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One BRPOP that finds messages waiting brings the prefetch room's worth of them, each
     recorded in kombu's unacked set exactly as kombu records one (so it can be restored)."""
     queue = _queue_with(redis_client, app, [{"n": i} for i in range(50)])
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 20, lambda body, message: got.append(message))
+    channel = consumer.channel
+    _replies_after(monkeypatch, channel, 0.0)
+    redis_client.script_load(transport.TAKE_BACKLOG)  # a first take may load it: another trip
     try:
-        conn.drain_events(timeout=2)
+        with round_trips(skip=CONNECTION_SETUP) as trips:
+            conn.drain_events(timeout=2)
         assert [m.payload["n"] for m in got] == list(range(20))  # oldest first, prefetch held
+        # The BRPOP's message is recorded as kombu records it; the other 19 are popped and
+        # recorded by one script call.
+        assert trips == [["BRPOP"], ["MULTI", "ZADD", "HSET", "EXEC"], ["EVALSHA"]]
         assert redis_client.llen(queue) == 30
-        channel = consumer.channel
         recorded = {bytes_to_str(t) for t in redis_client.hkeys(channel.unacked_key)}
         tags = {m.delivery_tag for m in got}
-        assert tags <= recorded
-        assert not channel.recorded  # every taken tag went through QoS.append
+        assert len(tags) == 20 and tags <= recorded
+        assert channel.recorded == set()  # every taken tag went through QoS.append
         entry = json.loads(redis_client.hget(channel.unacked_key, got[5].delivery_tag))
         assert entry == [got[5]._raw, got[5].delivery_info["exchange"],
                          got[5].delivery_info["routing_key"]]
@@ -192,12 +218,15 @@ def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
         redis_client.delete(queue)
 
 
-def test_a_malformed_message_in_a_backlog_fails_alone(app: Any, redis_client: Any) -> None:
+def test_a_malformed_message_in_a_backlog_fails_alone(
+    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad = b"{not json " + uuid.uuid4().hex.encode()
     bodies: list[Any] = [{"n": 0}, {"n": 1}, bad, {"n": 2}]
     queue = _queue_with(redis_client, app, bodies)
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    _replies_after(monkeypatch, consumer.channel, 0.0)
     try:
         conn.drain_events(timeout=2)
         assert [m.payload["n"] for m in got] == [0, 1, 2]
@@ -212,6 +241,28 @@ def test_a_malformed_message_in_a_backlog_fails_alone(app: Any, redis_client: An
         redis_client.delete(queue)
 
 
+@pytest.mark.parametrize(("elapsed", "delivered"), [
+    (transport.BACKLOG_REPLY_S * 0.9, 3),  # answered at once: messages were waiting
+    (transport.BACKLOG_REPLY_S * 1.1, 1),  # the BRPOP waited: kombu's own path
+], ids=["answered-at-once", "waited"])
+def test_only_a_brpop_answered_at_once_takes_a_backlog(
+    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch, elapsed: float,
+    delivered: int
+) -> None:
+    queue = _queue_with(redis_client, app, [{"n": i} for i in range(3)])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    _replies_after(monkeypatch, consumer.channel, elapsed)
+    try:
+        conn.drain_events(timeout=2)
+        assert [m.payload["n"] for m in got] == list(range(delivered))
+        for message in got:
+            message.ack()
+    finally:
+        conn.release()
+        redis_client.delete(queue)
+
+
 def test_a_message_that_waited_is_taken_alone(
     app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,18 +270,33 @@ def test_a_message_that_waited_is_taken_alone(
     queue = _queue_with(redis_client, app, [])
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    channel = consumer.channel
     takes: list[int] = []
-    monkeypatch.setattr(consumer.channel, "_take_backlog", lambda: takes.append(1))
+    monkeypatch.setattr(channel, "_take_backlog", lambda: takes.append(1))
+    sent = threading.Event()
+    brpop_start = channel._brpop_start
 
-    def publish_later() -> None:
-        time.sleep(0.2)
+    def brpop_start_and_tell(*args: Any, **kwargs: Any) -> Any:
+        result = brpop_start(*args, **kwargs)
+        sent.set()
+        return result
+
+    monkeypatch.setattr(channel, "_brpop_start", brpop_start_and_tell)
+
+    def publish_once_the_brpop_waits() -> None:
+        sent.wait(5)
+        # The reply cannot come before the publish: the BRPOP has waited at least this long.
+        time.sleep(transport.BACKLOG_REPLY_S * 10)
         _publish(app, queue, [{"n": i} for i in range(3)])
 
-    threading.Thread(target=publish_later).start()
+    publisher = threading.Thread(target=publish_once_the_brpop_waits)
+    publisher.start()
     try:
         conn.drain_events(timeout=5)
-        assert len(got) == 1 and takes == []
+        assert [m.payload["n"] for m in got] == [0]
+        assert takes == []
     finally:
+        publisher.join()
         conn.release()
         redis_client.delete(queue)
 
@@ -312,4 +378,4 @@ def test_a_result_stored_while_the_result_consumer_reconnects_is_not_missed(
     monkeypatch.setattr(consumer, "_drain_one", drain_one)
     monkeypatch.setattr(client, "pubsub", pubsub_after_a_write)
     assert result.get(timeout=3) == {"late": True}
-    assert lost
+    assert lost == [True]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import threading
+from typing import Any
 
 import pytest
 
 from producer.errors import InvalidRequest, UnknownModel
 from producer.schema import ChatRequest, GenerateRequest, Sampling
 from producer.settings import ModelConfig
+from tests.field_errors import assert_names_field
 from workers.runtime import Runtime
 
 
@@ -30,14 +32,18 @@ def test_model_defaults_fill_only_unset_knobs() -> None:
 
 def test_worker_side_checks_fail_only_the_task() -> None:
     runtime = _runtime(max_tokens_cap=8)
-    with pytest.raises(InvalidRequest, match="max_tokens"):
+    with pytest.raises(InvalidRequest) as above_cap:
         runtime.handle(GenerateRequest, "t1", {"prompt": "x", "model": "m", "max_tokens": 9})
-    with pytest.raises(InvalidRequest, match="temperature"):
+    assert_names_field(above_cap.value, "max_tokens")
+    with pytest.raises(InvalidRequest) as negative:
         runtime.handle(GenerateRequest, "t2", {"prompt": "x", "model": "m", "temperature": -1})
-    with pytest.raises(UnknownModel, match="other"):
+    assert_names_field(negative.value, "temperature")
+    with pytest.raises(UnknownModel, match="'other'") as other:
         runtime.handle(GenerateRequest, "t3", {"prompt": "x", "model": "other"})
+    assert_names_field(other.value, "model")
     chat = {"messages": [{"role": "user", "content": "hi there"}], "model": "m"}
-    assert runtime.handle(ChatRequest, "t4", chat)["text"].startswith("hi there")
+    # The fake engine echoes the words; 16 tokens when max_tokens is not set.
+    assert runtime.handle(ChatRequest, "t4", chat)["text"] == " ".join(["hi", "there"] * 8)
     assert runtime.describe()["state"] == "ready"
 
 
@@ -54,18 +60,21 @@ def test_many_request_items_fail_alone() -> None:
                              "completion_tokens": 2, "total_tokens": 4, "model": "m",
                              "engine_id": "e1"}}
     assert out[1]["error"]["type"] == "InvalidRequest"
-    assert "max_tokens" in out[1]["error"]["message"]
-    assert out[2]["error"]["type"] == "InvalidRequest" and "prompt" in out[2]["error"]["message"]
-    assert "ok" in out[3]
+    assert_names_field(out[1]["error"]["message"], "max_tokens")
+    assert out[2]["error"]["type"] == "InvalidRequest"
+    assert_names_field(out[2]["error"]["message"], "prompt")
+    assert out[3] == {"ok": {"text": " ".join(["three"] * 16), "finish_reason": "length",
+                             "prompt_tokens": 1, "completion_tokens": 16, "total_tokens": 17,
+                             "model": "m", "engine_id": "e1"}}
 
 
 def test_idle_unload_then_the_next_request_reloads() -> None:
     runtime = _runtime(idle_unload_s=1)
     kwargs = {"prompt": "a", "model": "m", "max_tokens": 1}
     runtime.handle(GenerateRequest, "t1", kwargs)
-    assert not runtime.unload_if_idle(3600, lambda: 0)  # not idle long enough
-    assert not runtime.unload_if_idle(0, lambda: 1)  # work is waiting in the queue
-    assert runtime.unload_if_idle(0, lambda: 0)
+    assert runtime.unload_if_idle(3600, lambda: 0) is False  # not idle long enough
+    assert runtime.unload_if_idle(0, lambda: 1) is False  # work is waiting in the queue
+    assert runtime.unload_if_idle(0, lambda: 0) is True
     assert runtime.describe()["state"] == "idle-unloaded"
     assert runtime.health()["ready"] is False
     assert runtime.handle(GenerateRequest, "t2", kwargs)["completion_tokens"] == 1
@@ -78,7 +87,7 @@ def test_lifecycle_actions_reload_and_report() -> None:
     from workers.runtime import install
 
     runtime = _runtime()
-    assert runtime.unload_if_idle(0, lambda: 0)
+    assert runtime.unload_if_idle(0, lambda: 0) is True
     install(runtime)
     try:
         from types import SimpleNamespace
@@ -105,7 +114,8 @@ def test_tool_calls_and_json_are_read_on_the_worker() -> None:
               "max_tokens": 5}  # one echo of the call's five words
     out = runtime.handle(ChatRequest, "t1", kwargs)
     assert out["finish_reason"] == "tool_calls" and out["text"] == ""
-    assert out["tool_calls"] == [{"id": out["tool_calls"][0]["id"], "type": "function",
+    # The id: "call_" and the first 24 hex digits of sha256("t1:0"), worked out with sha256sum.
+    assert out["tool_calls"] == [{"id": "call_da4b67039c7ca8ed14115bb8", "type": "function",
                                   "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]
     assert runtime.handle(ChatRequest, "t1", kwargs) == out  # a redelivery: the same answer
     none = runtime.handle(ChatRequest, "t2", {**kwargs, "tool_choice": "none"})
@@ -120,14 +130,47 @@ def test_tool_calls_and_json_are_read_on_the_worker() -> None:
         {"messages": [{"role": "user", "content": call}], "tools": [tool], "max_tokens": 5},
         {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
     ]})
-    assert many[0]["ok"]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert many[0]["ok"]["tool_calls"] == [{  # request id "t5:0": sha256("t5:0:0")
+        "id": "call_e29d0f528e07feadf13d48e5", "type": "function",
+        "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]
     assert many[1]["error"]["type"] == "InvalidRequest"
-    assert "tool_choice" in many[1]["error"]["message"]
+    assert_names_field(many[1]["error"]["message"], "tool_choice")
+
+
+class _Revoked:
+    """The revoked set as the watcher asks it; counting the watcher's looks at a task that is
+    never revoked lets a test wait for whole watcher cycles instead of sleeping."""
+
+    SENTINEL = "sentinel"
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.looks = 0
+        self.looked = threading.Condition()
+
+    def __call__(self, task_id: str) -> bool:
+        with self.looked:
+            if task_id == self.SENTINEL:
+                self.looks += 1
+                self.looked.notify_all()
+            return task_id in self.ids
+
+    def add(self, task_id: str) -> None:
+        with self.looked:
+            self.ids.add(task_id)
+
+    def full_cycle(self) -> None:
+        """Return once a cycle that began after this call has looked at every watched task.
+
+        The sentinel is watched first, so it is looked at first in each cycle: the next look
+        may belong to a cycle already under way, the one after it to a cycle that began after
+        this call, and the third comes after that cycle has finished."""
+        with self.looked:
+            target = self.looks + 3
+            assert self.looked.wait_for(lambda: self.looks >= target, timeout=5)
 
 
 def test_revoke_watcher_aborts_only_revoked_running_tasks() -> None:
-    import threading
-
     from workers.revoke import RevokeWatcher
 
     class Recorder:
@@ -139,14 +182,17 @@ def test_revoke_watcher_aborts_only_revoked_running_tasks() -> None:
             self.aborted.append(list(request_ids))
             self.event.set()
 
-    revoked: set[str] = set()
-    watcher = RevokeWatcher(interval=0.01, revoked=revoked.__contains__)
-    engine = Recorder()
-    with watcher.watching("t1", engine, ["t1:0", "t1:1"]), \
-            watcher.watching("t2", engine, ["t2"]):  # type: ignore[arg-type]
-        revoked.add("t2")
-        assert engine.event.wait(5)
-    assert engine.aborted == [["t2"]]
-    revoked.add("t1")  # revoked after it left the engine: nothing to abort
-    time.sleep(0.05)
+    revoked = _Revoked()
+    watcher = RevokeWatcher(interval=0.01, revoked=revoked)
+    engine: Any = Recorder()  # only abort() is called
+    with watcher.watching(revoked.SENTINEL, engine, ["never"]):
+        with watcher.watching("t1", engine, ["t1:0", "t1:1"]), \
+                watcher.watching("t2", engine, ["t2"]):
+            revoked.add("t2")
+            assert engine.event.wait(5)
+            revoked.full_cycle()  # t1 runs on, not revoked: looked at and left alone
+            assert engine.aborted == [["t2"]]
+        revoked.full_cycle()  # no cycle still holds t1 from before it left
+        revoked.add("t1")  # revoked after it left the engine: nothing to abort
+        revoked.full_cycle()
     assert engine.aborted == [["t2"]]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from producer import naming
 from producer.errors import UnknownModel
@@ -33,7 +35,7 @@ def test_toml_config_and_env_override(tmp_path: Path, monkeypatch: pytest.Monkey
     assert big.hf_overrides["rope_scaling"]["factor"] == 2.0
     assert big.defaults.temperature == 0.2
     assert settings.model("tiny").model.endswith("models/tiny")  # embedded default still there
-    with pytest.raises(UnknownModel, match="nope"):
+    with pytest.raises(UnknownModel, match="model 'nope' is not configured"):
         settings.model("nope")
 
 
@@ -46,8 +48,9 @@ def test_models_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_model_config_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLEET_CONFIG", raising=False)
     monkeypatch.setenv("FLEET_MODELS", '{"m1": {"model": "/w", "gpu_memory_utilization": 2}}')
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+    with pytest.raises(ValidationError) as info:
         FleetSettings()
+    assert [e["loc"] for e in info.value.errors()] == [("models", "m1", "gpu_memory_utilization")]
 
 
 def test_queue_and_node_names() -> None:
@@ -59,12 +62,16 @@ def test_queue_and_node_names() -> None:
 
 
 def test_gpu_pinning_sets_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    gpus = parse_gpus(" 2, 3 ")
-    pin_gpus(gpus)
-    import os
-
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with monkeypatch.context() as env:
+        # Set first, so the context restores the variable even where it was unset (delenv
+        # of an unset variable records nothing to restore); else every later worker this
+        # session starts would inherit the pinning.
+        env.setenv("CUDA_VISIBLE_DEVICES", "unpinned")
+        env.delenv("CUDA_VISIBLE_DEVICES")
+        pin_gpus(parse_gpus(" 2, 3 "))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
     assert parse_gpus("") == []
     with pytest.raises(ValueError):
         parse_gpus("zero")
