@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from typing import Any
 
 import redis
@@ -38,6 +39,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
+
+from producer.naming import MODEL_QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -67,53 +70,10 @@ def _check_envelope(payload: Any) -> None:
         raise MalformedMessage("envelope body or headers have the wrong type", payload)
 
 
-#: A BRPOP answered sooner than this found messages waiting: take more of them at once.
-#: (A caller sending task after task is answered that fast too, and the take then finds
-#: nothing: a wasted round trip, about 0.2 ms of that task's latency. Guessing stricter after
-#: an empty take was tried and dropped: on a busy worker it sent most of a burst through
-#: plain BRPOPs, and a message a BRPOP popped is lost if its worker is killed before it is
-#: recorded, while a take records what it pops in the same step.)
-BACKLOG_REPLY_S = 0.002
 #: At most this many messages per take (besides the prefetch room).
 TAKE_MAX = 128
-
-#: KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3..] queue lists; ARGV[1] how many at most,
-#: ARGV[2] now. Pops the oldest messages and records each as kombu's QoS.append would (hash entry
-#: [message, exchange, routing key], index score now); returns {queue number, tag, message}...
-#: A message without a readable delivery tag is returned unrecorded (tag ''), for the worker to
-#: refuse.
-TAKE_BACKLOG = """
-local out = {}
-local left = tonumber(ARGV[1])
-for i = 3, #KEYS do
-  if left <= 0 then break end
-  local items = redis.call('RPOP', KEYS[i], left)
-  if items then
-    for _, item in ipairs(items) do
-      local tag = ''
-      local ok, m = pcall(cjson.decode, item)
-      if ok and type(m) == 'table' and type(m.properties) == 'table'
-          and type(m.properties.delivery_tag) == 'string' then
-        tag = m.properties.delivery_tag
-        local info = m.properties.delivery_info
-        local ex, rk = '', ''
-        if type(info) == 'table' then
-          if type(info.exchange) == 'string' then ex = info.exchange end
-          if type(info.routing_key) == 'string' then rk = info.routing_key end
-        end
-        redis.call('HSET', KEYS[1], tag,
-                   '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-        redis.call('ZADD', KEYS[2], ARGV[2], tag)
-      end
-      out[#out + 1] = i - 2
-      out[#out + 1] = tag
-      out[#out + 1] = item
-      left = left - 1
-    end
-  end
-end
-return out
-"""
+#: The take script (``producer/lua/take.lua``), read once.
+TAKE_SCRIPT = (resources.files("producer") / "lua" / "take.lua").read_text()
 
 
 class QoS(kombu_redis.QoS):
@@ -145,7 +105,7 @@ class Channel(kombu_redis.Channel):
     Message = Message
     QoS = QoS
     _shared: tuple[Any, Any] | None = None  # (connection pool, client on it)
-    _take: Any = None  # the registered TAKE_BACKLOG script
+    _take_script: Any = None  # the registered take script
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -191,41 +151,84 @@ class Channel(kombu_redis.Channel):
 
         return super().basic_consume(queue, no_ack, guarded, consumer_tag, **kwargs)
 
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """Wait for a message without taking it: ``BLMOVE q q RIGHT RIGHT`` answers as soon as
+        the queue holds one and leaves the list as it was. The take that follows pops and
+        records in one atomic step, so no message is ever popped without being recorded."""
+        if self.global_keyprefix:  # kombu's own path (the take's keys are not prefixed)
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        # Redis blocks on one list at a time here: the model queue, where the traffic is. A
+        # message on another queue (an engine's own) is taken at the latest when the wait
+        # times out (brpop_timeout, 1 s).
+        wait_on = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
+        key = self._q_for_pri(wait_on, 0)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # kombu's half-open socket check reads it
+        self.client.connection.send_command(
+            "BLMOVE", key, key, "RIGHT", "RIGHT", self.brpop_timeout if timeout is None
+            else timeout)
+        return None
+
     def _brpop_read(self, **options: Any) -> Any:
-        sent_at = self._brpop_sent_at
-        backlog = sent_at is not None and time.monotonic() - sent_at < BACKLOG_REPLY_S
+        if self.global_keyprefix:
+            return self._kombu_brpop_read(**options)
         try:
-            delivered = super()._brpop_read(**options)
+            try:
+                self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnect on the next start, as kombu
+                raise
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+        # Woken (or timed out, when another queue may hold something): take what waits.
+        if self._closing or not self._take():
+            raise Empty()
+        return True
+
+    def _kombu_brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
         except ValueError as e:  # JSON, UTF-8, base64 and envelope errors are all ValueErrors
             self._refuse(e)
             raise Empty() from None
-        if backlog and delivered and not self._closing:
-            self._take_backlog()
-        return delivered
 
-    def _take_backlog(self) -> None:
-        """Take up to the prefetch room of waiting messages in one round trip, and deliver them."""
+    def _take(self) -> int:
+        """Take up to the prefetch room of waiting messages in one round trip, each recorded as
+        unacknowledged in the same atomic step, and deliver them; returns how many."""
         room = self.qos.can_consume_max_estimate()
         count = TAKE_MAX if room is None else min(room, TAKE_MAX)
         queues = list(self.active_queues)
-        if count <= 0 or not queues or self.global_keyprefix:
-            return
-        keys = [self.unacked_key, self.unacked_index_key, *(self._q_for_pri(q, 0) for q in queues)]
+        if count <= 0 or not queues:
+            return 0
+        keys = [self.unacked_key, self.unacked_index_key,
+                *(self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues)]
         with self.conn_or_acquire() as client:
-            if self._take is None:
-                self._take = client.register_script(TAKE_BACKLOG)
-            taken = self._take(keys=keys, args=[count, time.time()], client=client)
+            if self._take_script is None:
+                self._take_script = client.register_script(TAKE_SCRIPT)
+            taken = self._take_script(keys=keys, args=[count, time.time()], client=client)
         for i in range(0, len(taken), 3):
-            queue, tag, raw = queues[int(taken[i]) - 1], bytes_to_str(taken[i + 1]), taken[i + 2]
+            key, tag, raw = keys[int(taken[i]) + 1], bytes_to_str(taken[i + 1]), taken[i + 2]
+            queue = self._queue_of(key)
             if tag:
                 self.recorded.add(tag)
             try:
                 self.connection._deliver(json.loads(bytes_to_str(raw)), queue)
-            except ValueError as e:  # as in _brpop_read; its unacked record goes too
+            except ValueError as e:  # JSON, UTF-8, base64 and envelope errors
                 self._refuse(MalformedMessage(f"{type(e).__name__}: {e}", raw))
-                if tag:
+                if tag:  # its unacked record goes too
                     self.recorded.discard(tag)
                     self.qos._remove_from_indices(tag).execute()
+        if taken:
+            self._queue_cycle.rotate(self._queue_of(keys[int(taken[-3]) + 1]))
+        return len(taken) // 3
+
+    def _queue_of(self, key: str) -> str:
+        """The queue a list key belongs to (kombu adds a priority suffix after ``sep``)."""
+        return key.rsplit(self.sep, 1)[0] if self.sep in key else key
 
     def _refuse(self, error: ValueError) -> None:
         # Each error type keeps what it failed on: that is the raw message.

@@ -46,6 +46,10 @@ dtype = "bfloat16"
 enforce_eager = true
 kv_cache_memory_bytes = 268435456
 
+[models.chaos]
+model = "chaos"
+engine = "fake"
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

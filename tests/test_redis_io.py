@@ -163,41 +163,22 @@ def _consume(app: Any, queue: str, prefetch: int, on_message: Any) -> Any:
     return conn, consumer
 
 
-class _ReplyClock:
-    """The transport's clock, on which every BRPOP reply comes ``elapsed`` seconds after its
-    send: whether a reply counts as a backlog is then the test's choice, not the machine's."""
-
-    def __init__(self, channel: Any, elapsed: float) -> None:
-        self.channel, self.elapsed = channel, elapsed
-
-    def monotonic(self) -> float:
-        return float(self.channel._brpop_sent_at) + self.elapsed
-
-    time = staticmethod(time.time)
-
-
-def _replies_after(monkeypatch: pytest.MonkeyPatch, channel: Any, elapsed: float) -> None:
-    monkeypatch.setattr(transport, "time", _ReplyClock(channel, elapsed))
-
-
 def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
-    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+    app: Any, redis_client: Any
 ) -> None:
-    """One BRPOP that finds messages waiting brings the prefetch room's worth of them, each
-    recorded in kombu's unacked set exactly as kombu records one (so it can be restored)."""
+    """A wait that finds messages brings the prefetch room's worth of them in one script call,
+    each recorded in kombu's unacked set exactly as kombu records one (so it can be restored)."""
     queue = _queue_with(redis_client, app, [{"n": i} for i in range(50)])
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 20, lambda body, message: got.append(message))
     channel = consumer.channel
-    _replies_after(monkeypatch, channel, 0.0)
-    redis_client.script_load(transport.TAKE_BACKLOG)  # a first take may load it: another trip
+    redis_client.script_load(transport.TAKE_SCRIPT)  # a first take may load it: another trip
     try:
         with round_trips(skip=CONNECTION_SETUP) as trips:
             conn.drain_events(timeout=2)
         assert [m.payload["n"] for m in got] == list(range(20))  # oldest first, prefetch held
-        # The BRPOP's message is recorded as kombu records it; the other 19 are popped and
-        # recorded by one script call.
-        assert trips == [["BRPOP"], ["MULTI", "ZADD", "HSET", "EXEC"], ["EVALSHA"]]
+        # The wait takes nothing; one script call pops and records all 20.
+        assert trips == [["BLMOVE"], ["EVALSHA"]]
         assert redis_client.llen(queue) == 30
         recorded = {bytes_to_str(t) for t in redis_client.hkeys(channel.unacked_key)}
         tags = {m.delivery_tag for m in got}
@@ -218,15 +199,12 @@ def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
         redis_client.delete(queue)
 
 
-def test_a_malformed_message_in_a_backlog_fails_alone(
-    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_malformed_message_in_a_backlog_fails_alone(app: Any, redis_client: Any) -> None:
     bad = b"{not json " + uuid.uuid4().hex.encode()
     bodies: list[Any] = [{"n": 0}, {"n": 1}, bad, {"n": 2}]
     queue = _queue_with(redis_client, app, bodies)
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
-    _replies_after(monkeypatch, consumer.channel, 0.0)
     try:
         conn.drain_events(timeout=2)
         assert [m.payload["n"] for m in got] == [0, 1, 2]
@@ -241,64 +219,90 @@ def test_a_malformed_message_in_a_backlog_fails_alone(
         redis_client.delete(queue)
 
 
-@pytest.mark.parametrize(("elapsed", "delivered"), [
-    (transport.BACKLOG_REPLY_S * 0.9, 3),  # answered at once: messages were waiting
-    (transport.BACKLOG_REPLY_S * 1.1, 1),  # the BRPOP waited: kombu's own path
-], ids=["answered-at-once", "waited"])
-def test_only_a_brpop_answered_at_once_takes_a_backlog(
-    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch, elapsed: float,
-    delivered: int
-) -> None:
-    queue = _queue_with(redis_client, app, [{"n": i} for i in range(3)])
-    got: list[Any] = []
-    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
-    _replies_after(monkeypatch, consumer.channel, elapsed)
+def test_a_woken_wait_holds_no_message(app: Any, redis_client: Any) -> None:
+    """Between the wait's answer and the take, the message is still on its queue: a worker
+    killed there loses nothing (kombu's BRPOP has already popped it by then)."""
+    queue = _queue_with(redis_client, app, [])
+    conn, consumer = _consume(app, queue, 10, lambda body, message: None)
+    channel = consumer.channel
     try:
-        conn.drain_events(timeout=2)
-        assert [m.payload["n"] for m in got] == list(range(delivered))
-        for message in got:
-            message.ack()
+        client = channel.client
+        client.connection = client.connection_pool.get_connection()  # as kombu's poller
+        channel._brpop_start(timeout=5)
+        _publish(app, queue, [{"n": 0}])
+        client.parse_response(client.connection, "BLMOVE")  # woken, as on_readable reads it
+        channel._in_poll = None
+        assert redis_client.llen(queue) == 1
+        assert redis_client.hlen(channel.unacked_key) == 0
+        conn.release()  # killed before the take: the message waits for the next worker
+        assert redis_client.llen(queue) == 1
     finally:
-        conn.release()
         redis_client.delete(queue)
 
 
-def test_a_message_that_waited_is_taken_alone(
-    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+def test_a_message_that_arrives_while_waiting_is_popped_and_recorded_together(
+    app: Any, redis_client: Any
 ) -> None:
-    """At low load the BRPOP waits: one message, no extra round trip (kombu's own path)."""
+    """At low load the wait blocks until a message comes; the take then pops and records it in
+    one script call: no BRPOP, no separate unacked write."""
     queue = _queue_with(redis_client, app, [])
     got: list[Any] = []
     conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
     channel = consumer.channel
-    takes: list[int] = []
-    monkeypatch.setattr(channel, "_take_backlog", lambda: takes.append(1))
+    redis_client.script_load(transport.TAKE_SCRIPT)
     sent = threading.Event()
-    brpop_start = channel._brpop_start
+    start = channel._brpop_start
 
-    def brpop_start_and_tell(*args: Any, **kwargs: Any) -> Any:
-        result = brpop_start(*args, **kwargs)
+    def start_and_tell(*args: Any, **kwargs: Any) -> Any:
+        result = start(*args, **kwargs)
         sent.set()
         return result
 
-    monkeypatch.setattr(channel, "_brpop_start", brpop_start_and_tell)
+    channel._brpop_start = start_and_tell
 
-    def publish_once_the_brpop_waits() -> None:
+    def publish_once_waiting() -> None:
         sent.wait(5)
-        # The reply cannot come before the publish: the BRPOP has waited at least this long.
-        time.sleep(transport.BACKLOG_REPLY_S * 10)
-        _publish(app, queue, [{"n": i} for i in range(3)])
+        _publish(app, queue, [{"n": 0}])
 
-    publisher = threading.Thread(target=publish_once_the_brpop_waits)
-    publisher.start()
+    publisher = threading.Thread(target=publish_once_waiting)
     try:
-        conn.drain_events(timeout=5)
+        with round_trips(skip=CONNECTION_SETUP) as trips:
+            publisher.start()
+            conn.drain_events(timeout=5)
+            publisher.join()
         assert [m.payload["n"] for m in got] == [0]
-        assert takes == []
+        consumer_trips = [t for t in trips if t != ["LPUSH"]]  # the publisher's own
+        assert consumer_trips == [["BLMOVE"], ["EVALSHA"]]
+        assert got[0].delivery_tag in {
+            bytes_to_str(t) for t in redis_client.hkeys(channel.unacked_key)}
+        got[0].ack()
     finally:
         publisher.join()
         conn.release()
         redis_client.delete(queue)
+
+
+def test_a_message_on_a_queue_not_waited_on_is_taken_when_the_wait_times_out(
+    app: Any, redis_client: Any
+) -> None:
+    model_queue = f"fleet.model.test-{uuid.uuid4().hex}"
+    other = _queue_with(redis_client, app, [{"n": 7}])
+    got: list[Any] = []
+    conn = Connection(app.conf.broker_url, transport="producer.transport:Transport")
+    queues = [conn.SimpleQueue(q).queue for q in (model_queue, other)]
+    consumer = conn.Consumer(queues, callbacks=[lambda body, message: got.append(message)],
+                             accept=["json"])
+    consumer.qos(prefetch_count=10)
+    consumer.consume()
+    try:
+        t0 = time.monotonic()
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [7]
+        assert time.monotonic() - t0 < 3  # one brpop_timeout (1 s), not the drain's 5 s
+        got[0].ack()
+    finally:
+        conn.release()
+        redis_client.delete(model_queue, other)
 
 
 def test_a_take_delivers_what_it_found(app: Any, redis_client: Any) -> None:
@@ -307,10 +311,9 @@ def test_a_take_delivers_what_it_found(app: Any, redis_client: Any) -> None:
     conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
     channel = consumer.channel
     try:
-        channel._take_backlog()
-        assert len(got) == 3
-        channel._take_backlog()
-        assert len(got) == 3  # an empty queue: nothing taken
+        assert channel._take() == 3
+        assert [m.payload["n"] for m in got] == [0, 1, 2]
+        assert channel._take() == 0  # an empty queue: nothing taken
         for message in got:
             message.ack()
     finally:
