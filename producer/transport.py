@@ -166,7 +166,8 @@ class Channel(kombu_redis.Channel):
         wait_on = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
         key = self._q_for_pri(wait_on, 0)
         self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()  # kombu's half-open socket check reads it
+        # kombu's half-open socket check reads when the wait was sent.
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         self.client.connection.send_command(
             "BLMOVE", key, key, "RIGHT", "RIGHT", self.brpop_timeout if timeout is None
             else timeout)
@@ -182,7 +183,7 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()  # reconnect on the next start, as kombu
                 raise
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
         # Woken (or timed out, when another queue may hold something): take what waits.
         if self._closing or not self._take():
