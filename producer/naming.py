@@ -7,7 +7,8 @@ Queues (one Redis list each, named exactly like the queue):
     fleet.engine.<engine_id>  tasks and lifecycle requests for one engine only
 
 Dead-lettered tasks (see ``workers/delivery.py``) are kept, as JSON, in the Redis list
-``fleet.dead.<model_id>`` (no worker consumes it).
+``fleet.dead.<model_id>`` (no worker consumes it); messages refused as malformed in
+``fleet.dead.malformed`` (see ``producer/transport.py`` and ``workers/consumer.py``).
 
 A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
 targets exactly one engine.
@@ -24,10 +25,16 @@ GENERATE_MANY_TASK = "fleet.generate_many"
 CHAT_MANY_TASK = "fleet.chat_many"
 WARMUP_TASK = "fleet.warmup"
 ENGINE_STATUS_TASK = "fleet.engine_status"
+#: Every task a fleet worker runs; a message naming any other (Celery's built-ins included) is
+#: refused, whatever queue it came on.
+FLEET_TASKS = frozenset({GENERATE_TASK, CHAT_TASK, GENERATE_MANY_TASK, CHAT_MANY_TASK,
+                         WARMUP_TASK, ENGINE_STATUS_TASK})
 
 MODEL_QUEUE_PREFIX = "fleet.model."
 ENGINE_QUEUE_PREFIX = "fleet.engine."
 DEAD_LETTER_PREFIX = "fleet.dead."
+#: Redis list of messages refused as malformed (no worker consumes it).
+MALFORMED_QUEUE = DEAD_LETTER_PREFIX + "malformed"
 
 # Model and engine ids end up in Redis keys, queue names and node names: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -40,11 +40,10 @@ from kombu.transport import virtual
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 
-from producer.naming import MODEL_QUEUE_PREFIX
+from producer.naming import MALFORMED_QUEUE, MODEL_QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
 
-MALFORMED_QUEUE = "fleet.dead.malformed"
 #: Raw bytes of one malformed message kept in the dead-letter list (the rest is cut off).
 MALFORMED_KEEP_BYTES = 64 * 1024
 
@@ -235,14 +234,45 @@ class Channel(kombu_redis.Channel):
         # Each error type keeps what it failed on: that is the raw message.
         raw = getattr(error, "raw", None) or getattr(error, "doc", None) or getattr(
             error, "object", None)
-        text = raw if isinstance(raw, str | bytes) else json.dumps(raw, default=repr)
-        data = text.encode(errors="backslashreplace") if isinstance(text, str) else text
-        log.error("refused a malformed message (%s): %r", error, data[:200])
         try:
             with self.conn_or_acquire() as client:
-                client.lpush(MALFORMED_QUEUE, data[:MALFORMED_KEEP_BYTES])
+                keep_malformed(client, raw, str(error))
         except Exception:
             log.exception("could not keep the malformed message in %s", MALFORMED_QUEUE)
+
+
+def malformed_entry(raw: Any, reason: str) -> bytes:
+    """What ``fleet.dead.malformed`` keeps of a refused message.
+
+    Raw bytes that are no envelope are kept as they are (cut at ``MALFORMED_KEEP_BYTES``). An
+    envelope that parsed is kept as a JSON object naming why it was refused and, where it has
+    them, its delivery tag, task id and task name, beside its (cut) text.
+    """
+    if isinstance(raw, bytes | str):
+        data = raw.encode(errors="backslashreplace") if isinstance(raw, str) else raw
+        return data[:MALFORMED_KEEP_BYTES]
+    envelope = raw if isinstance(raw, dict) else {}
+    properties = envelope.get("properties")
+    headers = envelope.get("headers")
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    task = headers.get("task") if isinstance(headers, dict) else None
+    text = json.dumps(raw, default=repr)
+    return json.dumps({
+        "reason": reason,
+        "delivery_tag": tag if isinstance(tag, str) else None,
+        "id": task_id if isinstance(task_id, str) else None,
+        "task": task if isinstance(task, str) else None,
+        "at": time.time(),
+        "raw": text[:MALFORMED_KEEP_BYTES],
+    }).encode()
+
+
+def keep_malformed(client: Any, raw: Any, reason: str) -> None:
+    """Log a refused message and keep it in ``fleet.dead.malformed`` for an operator."""
+    entry = malformed_entry(raw, reason)
+    log.error("refused a malformed message (%s): %r", reason, entry[:200])
+    client.lpush(MALFORMED_QUEUE, entry)
 
 
 class Transport(kombu_redis.Transport):

@@ -22,7 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer import RequestRejected, RequestTooLarge, chat, generate, generate_many
+from producer.naming import MALFORMED_QUEUE
 from producer.schema import MAX_BATCH, MAX_PROMPT_CHARS, GenerateRequest
+from producer.transport import MALFORMED_KEEP_BYTES
 from tests.field_errors import assert_names_field
 from tests.harness import WorkerProc
 from tests.redis_traffic import nothing_sent
@@ -216,8 +218,46 @@ def raw_messages(draw: st.DrawFn) -> tuple[str, bytes, str | None]:
 
 class RawRun:
     def __init__(self) -> None:
-        self.sent = 0
+        self.sent: list[tuple[str, bytes, str | None]] = []
         self.result_ids: list[str] = []
+
+
+def _field(raw: bytes, *path: str) -> str | None:
+    """A string inside a raw envelope, or None."""
+    try:
+        value: Any = json.loads(raw)
+        for key in path:
+            value = value[key]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def invisible(app: Any, redis_client: Any, sent: list[tuple[str, bytes, str | None]]
+              ) -> list[str]:
+    """The kinds of the messages in ``sent`` (kind, raw, task id) that ended nowhere: no
+    result for their task id, nothing of them in ``fleet.dead.malformed``."""
+    dead = redis_client.lrange(MALFORMED_QUEUE, 0, -1)
+    lost = []
+    for kind, raw, task_id in sent:
+        tag = _field(raw, "properties", "delivery_tag")
+        task_id = task_id or _field(raw, "headers", "id")
+        if task_id is not None and AsyncResult(task_id, app=app).state in ("SUCCESS",
+                                                                            "FAILURE"):
+            continue
+        if raw[:MALFORMED_KEEP_BYTES] in dead:
+            continue
+        if tag is not None and any(tag.encode() in entry for entry in dead):
+            continue
+        lost.append(kind)
+    return lost
+
+
+def drained(redis_client: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while redis_client.llen(QUEUE) or redis_client.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages left on the queue"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +265,7 @@ def raw_run(workers_ab: tuple[WorkerProc, WorkerProc], app: Any, redis_client: A
     run = RawRun()
     yield run
     b1 = workers_ab[1]
-    deadline = time.monotonic() + 120
-    while redis_client.llen(QUEUE) or redis_client.hlen("unacked"):
-        assert time.monotonic() < deadline, "malformed messages left on the queue"
-        time.sleep(0.2)
+    drained(redis_client)
     assert b1.process.poll() is None
     for task_id in run.result_ids:  # well-formed messages end in a stored result
         result = AsyncResult(task_id, app=app)
@@ -237,7 +274,8 @@ def raw_run(workers_ab: tuple[WorkerProc, WorkerProc], app: Any, redis_client: A
         if result.state == "FAILURE":
             assert type(result.result).__name__ in ("InvalidRequest", "UnknownModel",
                                                     "PromptTooLong")
-    assert run.sent >= 200
+    assert len(run.sent) >= 200
+    assert invisible(app, redis_client, run.sent) == []  # every message ended somewhere
 
 
 @pytest.mark.engine
@@ -247,13 +285,53 @@ def raw_run(workers_ab: tuple[WorkerProc, WorkerProc], app: Any, redis_client: A
 @given(message=raw_messages())
 def test_raw_malformed_messages_on_the_queue(raw_run: RawRun, redis_client: Any,
                                              message: tuple[str, bytes, str | None]) -> None:
-    _, raw, task_id = message
+    kind, raw, task_id = message
     redis_client.lpush(QUEUE, raw)
-    raw_run.sent += 1
+    raw_run.sent.append((kind, raw, task_id))
     if task_id is not None:
         raw_run.result_ids.append(task_id)
     good = generate.delay("still here?", model="tiny-b", max_tokens=2)
     assert good.get(timeout=60)["completion_tokens"] == 2
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.engine
+def test_messages_celery_cannot_run_end_in_a_result_or_the_dead_letters(
+    workers_ab: tuple[WorkerProc, WorkerProc], app: Any, redis_client: Any
+) -> None:
+    ids = {kind: str(uuid.uuid4()) for kind in ("utf8", "kwargs", "builtin", "args")}
+    ok = _b64(json.dumps([[], {"prompt": "hi", "model": "tiny-b"}, {}]).encode())
+    cases = {
+        "utf8": envelope(_b64(b"\xff\xfe[[], {}, {}]"), "application/json",
+                         task_headers("fleet.generate", ids["utf8"]), ids["utf8"]),
+        "kwargs": envelope(_b64(json.dumps([[], "prompt=hi", {}]).encode()), "application/json",
+                           task_headers("fleet.generate", ids["kwargs"]), ids["kwargs"]),
+        "args": envelope(_b64(json.dumps("not a list").encode()), "application/json",
+                         task_headers("fleet.generate", ids["args"]), ids["args"]),
+        "null-id": envelope(ok, "application/json",
+                            {**task_headers("fleet.generate", ""), "id": None}, ""),
+        "null-id-unknown": envelope(ok, "application/json",
+                                    {**task_headers("fleet.nope", ""), "id": None}, ""),
+        "no-headers": envelope(ok, "application/json", {}, ""),
+        "builtin": envelope(_b64(json.dumps([[], {}, {}]).encode()), "application/json",
+                            task_headers("celery.backend_cleanup", ids["builtin"]),
+                            ids["builtin"]),
+    }
+    for raw in cases.values():
+        redis_client.lpush(QUEUE, raw)
+    good = generate.delay("after them", model="tiny-b", max_tokens=2)
+    assert good.get(timeout=60)["completion_tokens"] == 2
+    drained(redis_client)
+    sent = [(kind, raw, ids.get(kind)) for kind, raw in cases.items()]
+    assert invisible(app, redis_client, sent) == []
+    for kind, task_id in ids.items():  # a task id named: its caller hears why
+        result = AsyncResult(task_id, app=app)
+        assert result.state == "FAILURE", kind
+    assert type(AsyncResult(ids["builtin"], app=app).result).__name__ == "NotRegistered"
+    assert workers_ab[1].process.poll() is None
 
 
 class _Touch:

@@ -10,14 +10,23 @@ added meanwhile ride along: a short task's events leave in one message after its
 written. Flower shows them that much later; Celery still flushes at once when the buffer
 holds ``buffer_limit`` (24) events, and at shutdown.
 
+Messages Celery cannot run as a task end in ``fleet.dead.malformed`` (and in an error result
+when they name a task id) rather than only in the log (:mod:`workers.refusals`), and the worker
+runs the fleet's own tasks only: a message naming any other task, Celery's built-ins included,
+is refused like an unknown one.
+
 Selected by the worker's Celery config (``worker_consumer``, see :mod:`workers.app`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+from producer.naming import FLEET_TASKS
+from workers.refusals import envelope_problem, refuse, task_id_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,42 @@ class Consumer(CeleryConsumer):
     def _flush_events_due(self) -> None:
         self._events_flush_due = False
         self._flush_events()
+
+    def update_strategies(self) -> None:
+        super().update_strategies()
+        for name in list(self.strategies):
+            if name in FLEET_TASKS:
+                self.strategies[name] = self._checked(self.strategies[name])
+            else:
+                del self.strategies[name]  # received, it goes to on_unknown_task
+
+    def _checked(self, strategy: Any) -> Any:
+        """``strategy``, behind the checks whose failure Celery meets only in the tracer,
+        outside the task's body, where it neither stores a result nor acknowledges."""
+        app = self.app
+
+        def check_then_run(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+            problem = envelope_problem(message)
+            if problem is not None:
+                return refuse(app, message, problem)
+            return strategy(message, body, *args, **kwargs)
+
+        return check_then_run
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        refuse(self.app, message, "not a Celery task message (no task name)")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        if task_id_of(message) is None:  # Celery would store a result under a null id
+            refuse(self.app, message, f"unknown task and no task id: {exc!r}")
+        else:  # Celery stores NotRegistered as the task's result
+            super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        refuse(self.app, message, f"invalid task message: {exc}")
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        refuse(self.app, message, f"body does not decode: {exc}")
 
     def shutdown(self) -> None:
         # Task events still waiting for their flush leave before the dispatcher closes.
