@@ -14,6 +14,7 @@ a stored value it cannot decode is overwritten, as Celery's check would.
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 from celery import states
@@ -22,24 +23,9 @@ from celery.backends.redis import ResultConsumer as RedisResultConsumer
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
-#: KEYS[1] result key; ARGV[1] encoded meta, ARGV[2] expiry in seconds (0: none).
-STORE_UNLESS_SUCCESS = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
-    return 0
-  end
-end
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
+#: The check-and-store script (``producer/lua/store_unless_success.lua``), read once.
+STORE_UNLESS_SUCCESS = (resources.files("producer") / "lua" / "store_unless_success.lua"
+                        ).read_text()
 
 
 class ResultConsumer(RedisResultConsumer):

@@ -8,7 +8,8 @@ Queues (one Redis list each, named exactly like the queue):
 
 Dead-lettered tasks (see ``workers/delivery.py``) are kept, as JSON, in the Redis list
 ``fleet.dead.<model_id>`` (no worker consumes it); messages refused as malformed in
-``fleet.dead.malformed`` (see ``producer/transport.py`` and ``workers/consumer.py``).
+``fleet.dead.malformed`` (see ``producer/transport.py`` and ``workers/consumer.py``). Every
+other Redis key the fleet reads or writes is named here too.
 
 A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
 targets exactly one engine.
@@ -35,6 +36,12 @@ ENGINE_QUEUE_PREFIX = "fleet.engine."
 DEAD_LETTER_PREFIX = "fleet.dead."
 #: Redis list of messages refused as malformed (no worker consumes it).
 MALFORMED_QUEUE = DEAD_LETTER_PREFIX + "malformed"
+DELIVERIES_PREFIX = "fleet.deliveries."
+#: Kombu's Redis transport's own keys for delivered, unacknowledged messages (its defaults,
+#: which the fleet keeps): a hash tag -> [message, exchange, routing key], and their delivery
+#: times in a sorted set.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 # Model and engine ids end up in Redis keys, queue names and node names: keep them plain.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -63,6 +70,11 @@ def engine_queue(engine_id: str) -> str:
 def dead_letter_queue(model_id: str) -> str:
     """Redis list holding the dead-lettered tasks of one model (``unknown`` if it had none)."""
     return DEAD_LETTER_PREFIX + (model_id if _ID_RE.match(model_id) else "unknown")
+
+
+def deliveries_key(task_id: str) -> str:
+    """Redis counter of how often a task was redelivered (see ``workers/delivery.py``)."""
+    return DELIVERIES_PREFIX + task_id
 
 
 def node_name(engine_id: str, host: str | None = None) -> str:

@@ -31,10 +31,6 @@ from producer.errors import DeadLettered
 log = logging.getLogger(__name__)
 
 
-def deliveries_key(task_id: str) -> str:
-    return f"fleet.deliveries.{task_id}"
-
-
 class Deliveries:
     """Counts the deliveries of each task in the result backend's Redis."""
 
@@ -53,7 +49,7 @@ class Deliveries:
         if not getattr(task.request, "redelivered", False):
             return 1
         backend = task.backend
-        key = deliveries_key(task_id)
+        key = naming.deliveries_key(task_id)
         with backend.client.pipeline(transaction=False) as pipe:
             pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
             redeliveries, _, stored = pipe.execute()
@@ -74,7 +70,7 @@ class Deliveries:
 
     def release(self, task: Any) -> None:
         """Give back this delivery: the task is requeued on purpose, not lost with a worker."""
-        key = deliveries_key(task.request.id)
+        key = naming.deliveries_key(task.request.id)
         with task.backend.client.pipeline(transaction=False) as pipe:
             pipe.decr(key).expire(key, self.ttl_s).execute()
 

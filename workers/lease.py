@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from producer.naming import UNACKED_INDEX_KEY
+
 log = logging.getLogger(__name__)
 
-UNACKED_INDEX_KEY = "unacked_index"  # kombu's default key, which the fleet does not change
 
 
 def held_delivery_tags() -> list[str]:

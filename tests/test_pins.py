@@ -1,0 +1,82 @@
+"""The private names of Celery and kombu that the fleet overrides or calls are still there.
+
+The fleet's transport (producer/transport.py), result backend (producer/backend.py), worker
+consumer (workers/consumer.py) and lease (workers/lease.py) lean on names that are not part
+of Celery's or kombu's public API. The versions they were written against are pinned in
+pyproject.toml; this test fails, naming the name, when an upgrade moves one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+from celery.backends.redis import RedisBackend, ResultConsumer
+from celery.worker import state
+from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+from packaging.specifiers import SpecifierSet
+
+from producer import naming
+
+PINNED = {"celery": SpecifierSet("~=5.7.0"), "kombu": SpecifierSet("~=5.7.0")}
+
+# (owner, name, parameters the fleet's override or call relies on, None: not a callable)
+PRIVATE = [
+    (kombu_redis.Channel, "_brpop_start", ["self", "timeout"]),
+    (kombu_redis.Channel, "_brpop_read", ["self", "options"]),
+    (kombu_redis.Channel, "_flush_brpop_reauth", ["self"]),
+    (kombu_redis.Channel, "_q_for_pri", ["self", "queue", "pri"]),
+    (kombu_redis.Channel, "_create_client", None),
+    (kombu_redis.Channel, "conn_or_acquire", ["self", "client"]),
+    (kombu_redis.Channel, "basic_consume", None),
+    (kombu_redis.Channel, "Message", None),
+    (kombu_redis.Channel, "QoS", None),
+    (kombu_redis.QoS, "append", ["self", "message", "delivery_tag"]),
+    (kombu_redis.QoS, "_remove_from_indices", None),
+    (kombu_redis.QoS, "can_consume_max_estimate", None),
+    (Consumer, "on_send_event_buffered", ["self"]),
+    (Consumer, "_flush_events", ["self"]),
+    (Consumer, "update_strategies", ["self"]),
+    (Consumer, "on_unknown_message", ["self", "body", "message"]),
+    (Consumer, "on_unknown_task", ["self", "body", "message", "exc"]),
+    (Consumer, "on_invalid_task", ["self", "body", "message", "exc"]),
+    (Consumer, "on_decode_error", ["self", "message", "exc"]),
+    (RedisBackend, "_store_result", None),
+    (RedisBackend, "_get_result_meta", None),
+    (RedisBackend, "ensure", None),
+    (ResultConsumer, "_reconnect_pubsub", ["self"]),
+]
+
+
+@pytest.mark.parametrize("package", sorted(PINNED))
+def test_installed_versions_are_the_pinned_ones(package: str) -> None:
+    assert version(package) in PINNED[package]
+
+
+@pytest.mark.parametrize(("owner", "name", "params"), PRIVATE,
+                         ids=[f"{o.__name__}.{n}" for o, n, _ in PRIVATE])
+def test_a_private_name_the_fleet_relies_on_is_there(owner: type, name: str,
+                                                     params: list[str] | None) -> None:
+    assert hasattr(owner, name), f"{owner.__module__}.{owner.__name__}.{name} is gone"
+    if params is not None:
+        assert list(inspect.signature(getattr(owner, name)).parameters)[:len(params)] == params
+
+
+def test_attributes_set_at_run_time_that_the_fleet_reads(app: Any) -> None:
+    from kombu import Connection
+
+    # Set in ResultConsumer.__init__; producer/backend.py's ResultConsumer calls it.
+    assert callable(app.backend.result_consumer._decode_result)
+    with Connection(app.conf.broker_url, transport="producer.transport:Transport") as conn:
+        channel = conn.default_channel
+        for attribute in ("_brpop_sent_at", "_in_poll", "_queue_cycle", "_closing", "_pool",
+                          "active_queues", "priority_steps", "sep", "global_keyprefix",
+                          "brpop_timeout", "handlers"):
+            assert hasattr(channel, attribute), f"kombu Channel.{attribute} is gone"
+        assert channel.handlers["BRPOP"] == channel._brpop_read  # the poller's entry
+        assert channel.unacked_key == naming.UNACKED_KEY
+        assert channel.unacked_index_key == naming.UNACKED_INDEX_KEY
+    assert isinstance(state.requests, dict) and isinstance(state.revoked, object)
