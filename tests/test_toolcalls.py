@@ -17,7 +17,7 @@ from producer.schema import ChatRequest
 from producer.settings import ModelConfig, tiny_model_config
 from tests.required import require_module
 from workers import replies
-from workers.engines.base import EngineOutput, EngineRequest
+from workers.engines.base import EngineOutput
 from workers.toolcalls import Call, ToolCallReader, fallback
 
 WEATHER = {"type": "function", "function": {
@@ -114,8 +114,9 @@ def test_special_tokens_stay_in_the_text_when_the_parser_asks(
     config = tiny_model_config(tiny_path)
     chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
                                        "model": "tiny", "tools": TOOLS})
-    assert replies.engine_request(chat, "r", {}, config).sampling == {"skip_special_tokens": False}
-    mine = replies.engine_request(chat, "r", {"skip_special_tokens": True}, config)
+    assert replies.engine_request(chat, "r", {}, config)[0].sampling == {
+        "skip_special_tokens": False}
+    mine, _ = replies.engine_request(chat, "r", {"skip_special_tokens": True}, config)
     assert mine.sampling == {"skip_special_tokens": True}  # the caller's choice wins
 
 
@@ -225,10 +226,9 @@ def test_forced_outputs_are_read_like_vllm_reads_them() -> None:
 def test_finish_shapes_the_result_like_openai() -> None:
     config = ModelConfig(model="unused")
     reply = _reply(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
-    request = EngineRequest("task-1", {}, messages=[], reply=reply)
     text = '[{"name":"get_weather","parameters":{"city":"Oslo","days":2}}]'
     out = replies.finish({"text": text, "finish_reason": "stop"},
-                         EngineOutput(text, "stop", 1, 2), request, config)
+                         EngineOutput(text, "stop", 1, 2), "task-1", reply, config)
     call = out["tool_calls"][0]
     assert out["finish_reason"] == "tool_calls" and out["text"] == ""
     assert call["type"] == "function" and call["function"]["name"] == "get_weather"
@@ -245,18 +245,16 @@ def test_finish_shapes_the_result_like_openai() -> None:
         ("task-2", ["call_8da3809dfeddb0c896db8f96", "call_e066af3023ecdd4b7754c05a"]),
     ]:
         out = replies.finish({"text": two, "finish_reason": "stop"},
-                             EngineOutput(two, "stop", 1, 2),
-                             EngineRequest(request_id, {}, messages=[], reply=both), config)
+                             EngineOutput(two, "stop", 1, 2), request_id, both, config)
         assert [c["id"] for c in out["tool_calls"]] == ids
 
     as_json = replies.plan(ChatRequest.model_validate({
         "messages": [{"role": "user", "content": "hi"}], "model": "m", "return_json": True}))
-    request = EngineRequest("task-2", {}, messages=[], reply=as_json)
     out = replies.finish({"text": '{"a": [1]}'}, EngineOutput('{"a": [1]}', "stop", 1, 2),
-                         request, config)
+                         "task-2", as_json, config)
     assert out["parsed"] == {"a": [1]}
     cut = replies.finish({"text": '{"a": ['}, EngineOutput('{"a": [', "length", 1, 2),
-                         request, config)
+                         "task-2", as_json, config)
     assert cut["parsed"] is None
 
 

@@ -77,8 +77,10 @@ def plan(request: GenerateRequest | ChatRequest) -> Reply | None:
 
 
 def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
-                   sampling: dict[str, Any], config: ModelConfig) -> EngineRequest:
-    """What the engine sees of a validated request (``sampling``: knobs with defaults applied)."""
+                   sampling: dict[str, Any], config: ModelConfig
+                   ) -> tuple[EngineRequest, Reply | None]:
+    """What the engine sees of a validated request (``sampling``: knobs with defaults applied),
+    and the reply to read its output into (None: plain text)."""
     reply = plan(request)
     constraint = reply.constraint() if reply is not None else None
     if constraint is not None:
@@ -89,8 +91,8 @@ def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
     if isinstance(request, ChatRequest):
         messages = [m.model_dump() for m in request.messages]
         tools = list(reply.tools) if reply is not None and reply.tools else None
-        return EngineRequest(request_id, sampling, messages=messages, tools=tools, reply=reply)
-    return EngineRequest(request_id, sampling, prompt=request.prompt, reply=reply)
+        return EngineRequest(request_id, sampling, messages=messages, tools=tools), reply
+    return EngineRequest(request_id, sampling, prompt=request.prompt), reply
 
 
 def required_schema(tools: tuple[dict[str, Any], ...], *, parallel: bool) -> dict[str, Any]:
@@ -114,13 +116,12 @@ def required_schema(tools: tuple[dict[str, Any], ...], *, parallel: bool) -> dic
     return schema
 
 
-def finish(completion: dict[str, Any], out: EngineOutput, request: EngineRequest,
-           config: ModelConfig) -> dict[str, Any]:
+def finish(completion: dict[str, Any], out: EngineOutput, request_id: str,
+           reply: Reply | None, config: ModelConfig) -> dict[str, Any]:
     """Add what the request asked for besides text: tool calls, parsed JSON, logprobs."""
     if out.logprobs is not None:
         completion["logprobs"] = out.logprobs
-    reply = request.reply
-    if not isinstance(reply, Reply):
+    if reply is None:
         return completion
     if reply.json_format is not None:
         completion["parsed"] = _json_or_none(out.text)
@@ -129,7 +130,7 @@ def finish(completion: dict[str, Any], out: EngineOutput, request: EngineRequest
         if not reply.parallel:
             calls = calls[:1]
         completion["tool_calls"] = [
-            call.to_openai(call_id(request.request_id, i)) for i, call in enumerate(calls)
+            call.to_openai(call_id(request_id, i)) for i, call in enumerate(calls)
         ]
         completion["text"] = content
         if out.finish_reason != "abort":

@@ -32,6 +32,7 @@ from producer.tasks import install_executor
 from workers import replies
 from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
+from workers.replies import Reply
 from workers.revoke import RevokeWatcher, is_revoked
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,11 @@ class Runtime:
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                kwargs: dict[str, Any]) -> dict[str, Any]:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
-        request = self._engine_request(parse(schema, kwargs), task_id)
+        request, reply = self._engine_request(parse(schema, kwargs), task_id)
         with self._serving() as engine:
             futures = engine.submit([request])
             self._wait(engine, task_id, futures, [request.request_id])
-            return self._completion(futures[0].result(), request)
+            return self._completion(futures[0].result(), request.request_id, reply)
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -170,23 +171,26 @@ class Runtime:
         envelope = parse(ManyRequest, kwargs)
         outcomes: list[Any] = []
         valid: list[EngineRequest] = []
+        reading: list[Reply | None] = []
         for i, item in enumerate(envelope.requests):
             try:
                 request = parse(schema, {**item, "model": envelope.model})
-                valid.append(self._engine_request(request, f"{task_id}:{i}"))
+                sent, reply = self._engine_request(request, f"{task_id}:{i}")
+                valid.append(sent)
+                reading.append(reply)
                 outcomes.append(None)
             except FleetError as e:
                 outcomes.append(e)
         with self._serving() as engine:
             submitted = engine.submit(valid)
             self._wait(engine, task_id, submitted, [r.request_id for r in valid])
-            futures = iter(zip(valid, submitted, strict=True))
+            futures = iter(zip(valid, reading, submitted, strict=True))
             results = []
             for outcome in outcomes:
                 if outcome is None:
                     try:
-                        sent, future = next(futures)
-                        outcome = self._completion(future.result(), sent)
+                        sent, reply, future = next(futures)
+                        outcome = self._completion(future.result(), sent.request_id, reply)
                     except FleetError as e:
                         outcome = e
                 results.append(item_result(outcome))
@@ -204,7 +208,7 @@ class Runtime:
             raise Revoked(f"task {task_id} was revoked; its requests were aborted")
 
     def _engine_request(self, request: GenerateRequest | ChatRequest,
-                        request_id: str) -> EngineRequest:
+                        request_id: str) -> tuple[EngineRequest, Reply | None]:
         if request.model != self.model_id:
             raise UnknownModel(
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
@@ -212,7 +216,8 @@ class Runtime:
         # Tools and JSON output add to what the engine sees: workers/replies.py.
         return replies.engine_request(request, request_id, self._sampling(request), self.config)
 
-    def _completion(self, out: EngineOutput, request: EngineRequest) -> dict[str, Any]:
+    def _completion(self, out: EngineOutput, request_id: str,
+                    reply: Reply | None) -> dict[str, Any]:
         completion = {
             "text": out.text,
             "finish_reason": out.finish_reason,
@@ -222,7 +227,7 @@ class Runtime:
             "model": self.model_id,
             "engine_id": self.engine_id,
         }
-        return replies.finish(completion, out, request, self.config)  # tool calls, JSON
+        return replies.finish(completion, out, request_id, reply, self.config)  # tools, JSON
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
         defaults = self.config.defaults.model_dump(exclude_none=True)

@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from workers.replies import Reply
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +17,6 @@ class EngineRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None  # for the chat template (OpenAI's shape)
-    reply: Reply | None = None  # how the runtime reads the output; engines ignore it
 
 
 @dataclass(frozen=True, slots=True)
