@@ -197,6 +197,13 @@ class JsonOutput(_Frozen):
         return ResponseFormat(type="json_object") if self.return_json else None
 
 
+#: The sampling fields of every request: named as vLLM's ``SamplingParams`` fields, so the
+#: worker hands each set one to vLLM under its own name (workers/engines/vllm_options.py).
+SAMPLING_FIELDS = frozenset(Sampling.model_fields)
+#: What vLLM generates when a request sets no ``max_tokens`` (``SamplingParams``' default).
+DEFAULT_MAX_TOKENS = 16
+
+
 class GenerateRequest(Sampling, JsonOutput):
     """A plain-text completion request (task ``fleet.generate``)."""
 

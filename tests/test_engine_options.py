@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from producer.schema import ChatRequest, Sampling
+from producer.schema import DEFAULT_MAX_TOKENS, ChatRequest, Sampling
 from producer.settings import ModelConfig, StructuredOutputsOptions
 from tests.required import require_module
 from workers.engines import vllm_options
@@ -143,23 +143,28 @@ def test_tools_and_tool_calls_go_through_the_tiny_models_template(tiny: Path) ->
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_only_allow_listed_extras_reach_sampling_params() -> None:
+def test_only_the_wires_sampling_fields_reach_sampling_params() -> None:
     from vllm import SamplingParams
 
     wire = Sampling.model_validate({
         "min_tokens": 2, "max_tokens": 8, "logprobs": 3, "ignore_eos": True, "min_p": 0.1,
         "logit_bias": {"17": 5.0}, "stop_token_ids": [3], "bad_words": ["spam"],
+        "temperature": 0.5, "stop": ["\n"],
     }).model_dump(exclude_none=True)
     sampling = {**wire, "structured_outputs": {"json": {"type": "object"}},
                 "not_allowed": 1, "n": 4}
     kwargs = vllm_options.sampling_kwargs(sampling)
-    assert set(kwargs) == {"min_tokens", "logprobs", "ignore_eos", "min_p", "logit_bias",
-                           "stop_token_ids", "bad_words", "structured_outputs"}
+    assert set(kwargs) == {"min_tokens", "max_tokens", "logprobs", "ignore_eos", "min_p",
+                           "logit_bias", "stop_token_ids", "bad_words", "temperature", "stop",
+                           "structured_outputs"}
     assert kwargs["logit_bias"] == {17: 5.0}
-    params = SamplingParams(max_tokens=8, **kwargs)
+    params = SamplingParams(**kwargs)
     assert params.structured_outputs is not None
     assert params.structured_outputs.json == {"type": "object"}
-    assert set(vllm_options.VLLM_EXTRAS) < set(SamplingParams.__struct_fields__)
+    assert (params.min_tokens, params.max_tokens, params.temperature) == (2, 8, 0.5)
+    # Every wire field is a SamplingParams field of the same name, and the default agrees.
+    assert set(Sampling.model_fields) <= set(SamplingParams.__struct_fields__)
+    assert SamplingParams().max_tokens == DEFAULT_MAX_TOKENS
 
 
 def test_the_example_fleet_configs_parsers_are_vllms() -> None:

@@ -19,6 +19,7 @@ from celery.exceptions import Ignore, Reject
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
 from producer.schema import (
+    SAMPLING_FIELDS,
     ChatRequest,
     GenerateRequest,
     ManyRequest,
@@ -37,7 +38,6 @@ from workers.revoke import RevokeWatcher, is_revoked
 
 log = logging.getLogger(__name__)
 
-SAMPLING_FIELDS = set(Sampling.model_fields)
 WARMUP_TIMEOUT_S = 600.0
 
 
@@ -231,7 +231,7 @@ class Runtime:
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
         defaults = self.config.defaults.model_dump(exclude_none=True)
-        given = request.model_dump(include=SAMPLING_FIELDS, exclude_none=True)
+        given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
         sampling = {**defaults, **given}
         cap = self.config.max_tokens_cap
         if sampling.get("max_tokens", 0) > cap:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+from producer.schema import DEFAULT_MAX_TOKENS
 from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 
 
@@ -41,7 +42,7 @@ class FakeEngine:
             words = " ".join(m["content"] or "" for m in request.messages).split()
         else:
             words = (request.prompt or "").split()
-        max_tokens = int(request.sampling.get("max_tokens") or 16)
+        max_tokens = int(request.sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
         out = (words or ["empty"]) * (max_tokens // max(len(words), 1) + 1)
         text = " ".join(out[:max_tokens])
         return EngineOutput(text, "length", len(words), max_tokens)

@@ -16,24 +16,12 @@ from concurrent.futures import Future
 from typing import Any
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, PromptTooLong
+from producer.schema import DEFAULT_MAX_TOKENS
 from producer.settings import ModelConfig
 from workers.engines import vllm_options
 from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
-
-SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "stop",
-    "seed",
-)
-
 
 def _request_error(error: Exception) -> FleetError:
     """A fleet error stays as it is; anything else is vLLM refusing this one request."""
@@ -298,12 +286,11 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        knobs = {k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None}
+        kwargs = vllm_options.sampling_kwargs(sampling)
         # Generation stops at the context's end anyway; saying so keeps finish_reason honest.
         room = self.max_model_len - prompt_tokens
-        knobs["max_tokens"] = min(int(knobs.get("max_tokens", 16)), room)
-        extras = vllm_options.sampling_kwargs(sampling)  # allow-listed extras, JSON constraint
-        return SamplingParams(**knobs, **extras, output_kind=RequestOutputKind.FINAL_ONLY)
+        kwargs["max_tokens"] = min(int(kwargs.get("max_tokens", DEFAULT_MAX_TOKENS)), room)
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
 
     def _abort(
         self, request_ids: list[str], pending: dict[str, tuple[list[Future[EngineOutput]], int]]

@@ -10,25 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from producer.schema import Sampling
+from producer.schema import SAMPLING_FIELDS
 from producer.settings import ModelConfig
 from workers.engines.base import EngineRequest
-
-# The per-call vLLM extras of the wire schema (producer.schema.Sampling), passed as they are
-# except logit_bias (its JSON keys are token ids as strings).
-VLLM_EXTRAS = (
-    "min_tokens",
-    "min_p",
-    "ignore_eos",
-    "logprobs",
-    "stop_token_ids",
-    "include_stop_str_in_output",
-    "skip_special_tokens",
-    "logit_bias",
-    "allowed_token_ids",
-    "bad_words",
-)
-assert set(VLLM_EXTRAS) <= set(Sampling.model_fields)
 
 
 def engine_kwargs(config: ModelConfig) -> dict[str, Any]:
@@ -79,8 +63,9 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
-    """``vllm.SamplingParams`` fields for the extras a request set and its JSON constraint."""
-    kwargs = {k: sampling[k] for k in VLLM_EXTRAS if sampling.get(k) is not None}
+    """``vllm.SamplingParams`` keyword arguments: every sampling field a request set (the
+    wire names them as vLLM does), logit_bias keyed by token id, and its JSON constraint."""
+    kwargs = {k: sampling[k] for k in SAMPLING_FIELDS if sampling.get(k) is not None}
     if "logit_bias" in kwargs:
         kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
     constraint = sampling.get("structured_outputs")
