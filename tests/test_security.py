@@ -126,7 +126,9 @@ def test_tls_acl_user_and_signed_messages_end_to_end(secure: Any) -> None:
         assert time.monotonic() < deadline, "the unsigned task was not refused"
         time.sleep(0.3)
     client = redis.Redis.from_url(server.url)
-    assert client.get(f"celery-task-meta-{task_id}") is None  # it never ran
+    assert client.get(f"celery-task-meta-{task_id}") is None  # it never ran, wrote nothing
+    kept = [json.loads(entry) for entry in client.lrange("fleet.dead.malformed", 0, -1)]
+    assert task_id in {entry["id"] for entry in kept}  # an operator sees it
     assert worker.process.poll() is None
 
     # An unsigned control message is refused the same way: a shutdown nobody signed stops

@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.exceptions import SecurityError
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.exceptions import ContentDisallowed
 
 from producer.naming import FLEET_TASKS
 from workers.refusals import envelope_problem, refuse, task_id_of
@@ -87,7 +89,8 @@ class Consumer(CeleryConsumer):
             super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        refuse(self.app, message, f"invalid task message: {exc}")
+        refuse(self.app, message, f"invalid task message: {exc}",
+               trusted=not isinstance(exc, ContentDisallowed | SecurityError))
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         refuse(self.app, message, f"body does not decode: {exc}")

@@ -40,13 +40,17 @@ def envelope_problem(message: Any) -> str | None:
     return None
 
 
-def refuse(app: Any, message: Any, reason: str) -> None:
-    """Keep ``message`` as malformed, fail its task if it names one, acknowledge it."""
+def refuse(app: Any, message: Any, reason: str, *, trusted: bool = True) -> None:
+    """Keep ``message`` as malformed, fail its task if it names one, acknowledge it.
+
+    An untrusted message (unsigned where signing is on, a content type the worker refuses)
+    writes no result: its sender may not decide the outcome of any task id.
+    """
     try:
         keep_malformed(app.backend.client, getattr(message, "_raw", None) or message.body,
                        reason)
         task_id = task_id_of(message)
-        if task_id is not None:
+        if trusted and task_id is not None:
             app.backend.mark_as_failure(
                 task_id, InvalidRequest(f"malformed task message: {reason}"),
                 call_errbacks=False)
