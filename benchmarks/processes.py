@@ -53,6 +53,16 @@ def rss(process: subprocess.Popen[bytes]) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
+def cpu_s(process: subprocess.Popen[bytes]) -> float:
+    """CPU seconds (user + system, every thread) a process and its children have used."""
+    proc = psutil.Process(process.pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -60,11 +60,16 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         fleet_ms, stock_ms = rounds(o["latency_ms"]), rounds(o["stock"]["latency_ms"])
         batch_tps = o["batch_helper_n"] / med(o["batch_helper_s"])
         stock_tps = o["stock"]["delay_n"] / med(o["stock"]["delay_s"])
+        cpu_us = 1e6 * med(o["delay_cpu_s"]) / o["delay_n"]
+        stock_cpu_us = 1e6 * med(o["stock"]["delay_cpu_s"]) / o["stock"]["delay_n"]
         out["overhead"] = {
             "fake batch helper tasks/s": batch_tps,
             "fake .delay() tasks/s": o["delay_n"] / med(o["delay_s"]),
             "stock Celery no-op tasks/s": stock_tps,
             "fake batch helper / stock no-op": batch_tps / stock_tps,
+            "fake worker CPU per .delay() task us": cpu_us,
+            "stock worker CPU per no-op task us": stock_cpu_us,
+            "fake / stock worker CPU per task": cpu_us / stock_cpu_us,
             "fake latency p50 ms": fleet_ms["p50"],
             "fake latency p99 ms": fleet_ms["p99"],
             "stock no-op latency p50 ms": stock_ms["p50"],
