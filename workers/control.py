@@ -32,7 +32,7 @@ def engine_drain(state: Any) -> dict[str, Any]:
     current = runtime.current_or_none()
     if current is None:
         return {"ok": False, "state": "no engine"}
-    current.state = "draining"
+    current.drain()
     # Control commands run on the consumer's thread, where touching the consumer is safe.
     state.consumer.cancel_task_queue(model_queue(current.model_id))
     return {"ok": True, "state": current.state}

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 from celery.exceptions import Ignore, Reject
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 WARMUP_TIMEOUT_S = 600.0
 
 
+class EngineState(StrEnum):
+    """Where a worker's engine is in its life; shown as is by ``celery inspect engine``."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"  # takes no new tasks, finishes those taken, then the worker exits
+    UNLOADING = "unloading"
+    IDLE_UNLOADED = "idle-unloaded"  # released after idle_unload_s; the next task reloads it
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
 class Revoked(Exception):
     """The task was revoked while its requests were in the engine; they were aborted."""
 
@@ -55,7 +68,7 @@ class Runtime:
         self.engine_id = engine_id
         self.config = config
         self.gpus = gpus
-        self.state = "loading"
+        self.state = EngineState.LOADING
         self.started_at = time.time()
         self.loads = 0
         self.last_active = time.monotonic()
@@ -83,7 +96,7 @@ class Runtime:
     def fail(self, reason: str) -> None:
         """The engine cannot serve any more: report not ready, tell the worker (once)."""
         with self._lock:
-            self.state = "failed"
+            self.state = EngineState.FAILED
             self._ready.clear()
             first = not self._failed.is_set()
             self._failed.set()
@@ -103,10 +116,15 @@ class Runtime:
         self.engine.submit([warm])[0].result(timeout=WARMUP_TIMEOUT_S)
         self.loads += 1
         self.last_active = time.monotonic()
-        self.state = "ready"
+        self.state = EngineState.READY
         self._ready.set()
         log.info("engine %s (%s) ready in %.1fs", self.engine_id, self.model_id,
                  time.monotonic() - t0)
+
+    def drain(self) -> None:
+        """Mark the engine draining: its worker has stopped taking tasks from the model queue."""
+        with self._lock:
+            self.state = EngineState.DRAINING
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -116,7 +134,7 @@ class Runtime:
         """The engine, loaded (reloaded after an idle unload), while a request uses it."""
         with self._lock:
             self._inflight += 1
-            unloaded = self.state == "idle-unloaded"
+            unloaded = self.state == EngineState.IDLE_UNLOADED
         try:
             if unloaded:
                 self._reload()
@@ -132,9 +150,9 @@ class Runtime:
 
     def _reload(self) -> None:
         with self._load_lock:
-            if self.state != "idle-unloaded":
+            if self.state != EngineState.IDLE_UNLOADED:
                 return
-            self.state = "loading"
+            self.state = EngineState.LOADING
             try:
                 self.engine = self._build()
                 self.load()
@@ -145,13 +163,13 @@ class Runtime:
     def unload_if_idle(self, idle_s: float, queue_depth: Callable[[], int]) -> bool:
         """Release the engine if nothing ran for ``idle_s`` seconds and its queue is empty."""
         with self._lock:
-            if (self.state != "ready" or self._inflight
+            if (self.state != EngineState.READY or self._inflight
                     or time.monotonic() - self.last_active < idle_s or queue_depth() > 0):
                 return False
-            self.state = "unloading"
+            self.state = EngineState.UNLOADING
             self._ready.clear()
             self.engine.close()
-            self.state = "idle-unloaded"
+            self.state = EngineState.IDLE_UNLOADED
         log.info("engine %s (%s) unloaded after %.0fs idle", self.engine_id, self.model_id,
                  idle_s)
         return True
@@ -276,12 +294,12 @@ class Runtime:
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
         """Readiness as the engine itself reports it: ready only if warm and answering."""
-        answered = self.state == "ready" and self.engine.ping(timeout)
+        answered = self.state == EngineState.READY and self.engine.ping(timeout)
         return {"engine_id": self.engine_id, "model": self.model_id, "state": self.state,
                 "ready": bool(answered)}
 
     def close(self) -> None:
-        self.state = "stopped"
+        self.state = EngineState.STOPPED
         self.engine.close()
 
 
