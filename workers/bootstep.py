@@ -69,9 +69,10 @@ class EngineStep(bootsteps.StartStopStep):
             engine_id=engine_id or worker.hostname.split("@", 1)[0],
             config=config,
             gpus=gpu_ids,
+            deliveries=Deliveries(max_deliveries=settings.max_deliveries,
+                                  ttl_s=settings.result_expires),
+            on_failure=lambda reason: self._stop_failed(worker.app, worker.hostname),
         )
-        self.runtime.deliveries = Deliveries(max_deliveries=settings.max_deliveries,
-                                             ttl_s=settings.result_expires)
         self.lease = Lease(redis.Redis.from_url(settings.broker_url), settings.visibility_timeout)
         runtime_mod.install(self.runtime)
         signals.worker_ready.connect(self._on_consumer_ready, weak=False)
@@ -79,7 +80,6 @@ class EngineStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         assert self.runtime is not None
-        self.runtime.on_failure = lambda reason: self._stop_failed(worker.app, worker.hostname)
         if self.lease is not None:
             self.lease.start()
         loader = threading.Thread(

@@ -62,7 +62,9 @@ class Runtime:
     """A model's engine inside one worker: load, warm up, serve requests."""
 
     def __init__(
-        self, *, model_id: str, engine_id: str, config: ModelConfig, gpus: list[str]
+        self, *, model_id: str, engine_id: str, config: ModelConfig, gpus: list[str],
+        deliveries: Deliveries | None = None,
+        on_failure: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.model_id = model_id
         self.engine_id = engine_id
@@ -75,9 +77,9 @@ class Runtime:
         self._tp = config.tensor_parallel_size or len(gpus) or 1
         #: Called once, on the engine thread, when the engine died or failed to reload: the
         #: worker stops consuming and exits non-zero so its supervisor restarts it.
-        self.on_failure: Callable[[str], None] = lambda reason: None
-        #: Set by the worker: counts deliveries (redelivery and poison checks).
-        self.deliveries: Deliveries | None = None
+        self.on_failure = on_failure
+        #: Counts deliveries (redelivery and poison checks); None: every delivery runs.
+        self.deliveries = deliveries
         self._failed = threading.Event()
         self._revokes = RevokeWatcher()
         self.engine: Engine = self._build()
