@@ -196,3 +196,33 @@ def test_revoke_watcher_aborts_only_revoked_running_tasks() -> None:
         revoked.add("t1")  # revoked after it left the engine: nothing to abort
         revoked.full_cycle()
     assert engine.aborted == [["t2"]]
+
+
+def test_revoke_watcher_leaves_alone_a_task_that_left_during_its_look() -> None:
+    """A task revoked just as it leaves the engine: the watcher's snapshot still holds it, but
+    its requests are gone: no abort."""
+    from workers.revoke import RevokeWatcher
+
+    aborted: list[list[str]] = []
+    looks: list[str] = []
+    cycle_after = threading.Event()
+
+    class Engine:
+        def abort(self, request_ids: list[str]) -> None:
+            aborted.append(list(request_ids))
+
+    def revoked(task_id: str) -> bool:
+        if task_id == "t1":
+            leaving.__exit__(None, None, None)  # the task leaves the engine during the look
+        elif "t1" in looks:
+            cycle_after.set()  # the sentinel, looked at first in the cycle after t1's
+        looks.append(task_id)
+        return task_id == "t1"
+
+    watcher = RevokeWatcher(interval=0.01, revoked=revoked)
+    engine: Any = Engine()
+    with watcher.watching("sentinel", engine, ["never"]):
+        leaving = watcher.watching("t1", engine, ["t1"])
+        leaving.__enter__()
+        assert cycle_after.wait(5)
+    assert aborted == []

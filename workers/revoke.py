@@ -62,7 +62,9 @@ class RevokeWatcher:
             for task_id, (engine, request_ids) in watched:
                 if self.revoked(task_id):
                     with self._lock:
-                        self._watched.pop(task_id, None)
+                        still = self._watched.pop(task_id, None)
+                    if still is None:  # it left the engine since the snapshot: nothing to stop
+                        continue
                     log.info("task %s revoked: aborting %d request(s) in the engine", task_id,
                              len(request_ids))
                     engine.abort(request_ids)
