@@ -13,7 +13,6 @@ import ipaddress
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 import redis
 
 from producer.localredis import LocalRedis
-from tests.harness import Fleet
+from tests.harness import Fleet, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -121,10 +120,8 @@ def test_tls_acl_user_and_signed_messages_end_to_end(secure: Any) -> None:
         "from producer import generate\n"
         "print(json.dumps(generate.delay('unsigned', model='tiny', max_tokens=2).id))\n",
         unsigned, timeout=60)
-    deadline = time.monotonic() + 60
-    while "Refusing to deserialize untrusted content of type json" not in worker.log():
-        assert time.monotonic() < deadline, "the unsigned task was not refused"
-        time.sleep(0.3)
+    wait_until(lambda: "Refusing to deserialize untrusted content of type json" in worker.log(),
+               60, "the unsigned task was not refused", interval=0.3)
     client = redis.Redis.from_url(server.url)
     assert client.get(f"celery-task-meta-{task_id}") is None  # it never ran, wrote nothing
     kept = [json.loads(entry) for entry in client.lrange("fleet.dead.malformed", 0, -1)]
@@ -139,10 +136,8 @@ def test_tls_acl_user_and_signed_messages_end_to_end(secure: Any) -> None:
         "from producer import app\n"
         f"app.control.broadcast('shutdown', destination=['{worker.node}'])\n"
         "print(json.dumps(True))\n", unsigned, timeout=60)
-    deadline = time.monotonic() + 60
-    while worker.log().count("Refusing to deserialize untrusted content") == refusals:
-        assert time.monotonic() < deadline, "the unsigned control message was not refused"
-        time.sleep(0.3)
+    wait_until(lambda: worker.log().count("Refusing to deserialize untrusted content") > refusals,
+               60, "the unsigned control message was not refused", interval=0.3)
     after = _producer(
         "import json\n"
         "from producer import generate\n"

@@ -23,6 +23,7 @@ from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 
 log = logging.getLogger(__name__)
 
+
 def _request_error(error: Exception) -> FleetError:
     """A fleet error stays as it is; anything else is vLLM refusing this one request."""
     if isinstance(error, FleetError):
