@@ -66,6 +66,36 @@ class ResultBackend(RedisBackend):
                     (self.get_key_for_task(task_id), value, expires))
         return result
 
+    def store_many(self, results: list[tuple[str, Any, str, str | None]]) -> None:
+        """Store the results ``(task_id, result, state, traceback)`` of many tasks in one
+        pipelined round trip, each with the same check as a single write."""
+        writes = []
+        for task_id, result, state, traceback in results:
+            value = self._encoded(task_id, result, state, traceback)
+            if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+                state, traceback = states.FAILURE, None
+                value = self._encoded(task_id, BackendStoreError(
+                    "value too large for Redis backend", state=state, task_id=task_id),
+                    state, traceback)
+            expires = self.failure_expires if state == states.FAILURE else self.expires
+            writes.append((self.get_key_for_task(task_id), value, int(expires or 0)))
+        if writes:
+            self.ensure(self._store_all, (writes,))
+
+    def _encoded(self, task_id: str, result: Any, state: str, traceback: str | None) -> Any:
+        meta = self._get_result_meta(result=self.encode_result(result, state), state=state,
+                                     traceback=traceback, request=None)
+        meta["task_id"] = task_id
+        return self.encode(meta)
+
+    def _store_all(self, writes: list[tuple[Any, Any, int]]) -> None:
+        if self._script is None:
+            self._script = self.client.register_script(STORE_UNLESS_SUCCESS)
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, value, expires in writes:
+                self._script(keys=[key], args=[value, expires], client=pipe)
+            pipe.execute()
+
     def _store_unless_success(self, key: Any, value: Any, expires: Any) -> None:
         if self._script is None:
             # A Script reloads itself after a Redis restart flushed it (NOSCRIPT).

@@ -1,14 +1,15 @@
 """Task signatures for ``.delay()``: validated and routed by model before anything is enqueued.
 
-The bodies run only inside a fleet worker: its engine bootstep installs the executor that hands
-the request to the engine (:func:`install_executor`). Tasks are declared lazily, so importing this
-module reads no settings.
+The bodies run only inside a fleet worker, whose engine bootstep gives each fleet task the
+executor that hands a request to its engine (``ModelTask.executor``); most messages do not even
+reach a body there, they are served in micro-batches (``workers/batcher.py``). Tasks are
+declared lazily, so importing this module reads no settings.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
@@ -34,14 +35,18 @@ class ModelTask(Task):
     """A task for one model: the call is validated, then sent to ``fleet.model.<model>``."""
 
     schema: ClassVar[type[BaseModel]]
-    #: What the worker does with it (see ``workers.runtime.execute``).
-    action: ClassVar[str] = "serve"
+    #: Runs the body in a fleet worker (set there on the app's task; None elsewhere).
+    executor: Callable[[ModelTask, dict[str, Any]], Any] | None = None
     #: Names of the positional arguments, in order (the rest are keyword-only).
     positional: ClassVar[tuple[str, ...]]
     typing = False  # the schema checks the signature, with clearer errors
 
     def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The validated request of a call, or InvalidRequest naming the field."""
+        return parse(self.schema, self.named(args, kwargs))
+
+    def named(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments by name (a message from any Celery producer may use positions)."""
         if len(args) > len(self.positional):
             raise InvalidRequest(
                 f"{self.name} takes {len(self.positional)} positional argument(s) "
@@ -50,7 +55,7 @@ class ModelTask(Task):
         data = dict(zip(self.positional, args, strict=False))
         for key in data.keys() & kwargs.keys():
             raise InvalidRequest(f"{key}: given both positionally and by keyword")
-        return parse(self.schema, {**data, **kwargs})
+        return {**data, **kwargs} if data else kwargs
 
     def apply_async(
         self,
@@ -69,9 +74,9 @@ class ModelTask(Task):
         return super().apply_async((), wire, **options)
 
     def execute(self, kwargs: dict[str, Any]) -> Any:
-        if _executor is None:
+        if self.executor is None:
             raise RuntimeError(f"{self.name} runs only inside a fleet worker (fleet worker ...)")
-        return _executor(self, kwargs)
+        return self.executor(self, kwargs)
 
 
 class GenerateTask(ModelTask):
@@ -93,7 +98,6 @@ class ManyTask(ModelTask):
 
     schema = ManyRequest
     positional = ("requests",)
-    action = "serve_many"
     item_schema: ClassVar[type[GenerateRequest] | type[ChatRequest]]
 
     def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ManyRequest:
@@ -128,7 +132,6 @@ class WarmupTask(ModelTask):
 
     schema = WarmupRequest
     positional = ("model",)
-    action = "warmup"
 
 
 class EngineStatusTask(ModelTask):
@@ -136,7 +139,6 @@ class EngineStatusTask(ModelTask):
 
     schema = StatusRequest
     positional = ("engine_id",)
-    action = "status"
 
     def send(self, request: Any, **options: Any) -> AsyncResult:
         options.setdefault("queue", naming.engine_queue(request.engine_id))
@@ -159,16 +161,6 @@ def item_wire(request: GenerateRequest | ChatRequest) -> dict[str, Any]:
     wire = to_wire(request)
     del wire["model"]
     return wire
-
-
-Executor = Callable[[ModelTask, dict[str, Any]], Any]
-_executor: Executor | None = None
-
-
-def install_executor(executor: Executor | None) -> None:
-    """Make this process run the fleet's task bodies with ``executor`` (workers only)."""
-    global _executor
-    _executor = executor
 
 
 @app.task(base=GenerateTask, bind=True, name=naming.GENERATE_TASK)

@@ -150,6 +150,22 @@ class Channel(kombu_redis.Channel):
 
         return super().basic_consume(queue, no_ack, guarded, consumer_tag, **kwargs)
 
+    def forget_unacked(self, tags: list[str]) -> None:
+        """Drop acknowledged messages from Redis's unacked records: one round trip for any
+        number of them, safe from any thread (:meth:`acked` then does this process's part)."""
+        if not tags:
+            return
+        with self.conn_or_acquire() as client:
+            client.pipeline().zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags
+                                                                        ).execute()
+
+    def acked(self, messages: list[Any]) -> None:
+        """This process's bookkeeping of messages :meth:`forget_unacked` dropped (the prefetch
+        room they held); on the event loop's thread, which owns it."""
+        for message in messages:
+            virtual.QoS.ack(self.qos, message.delivery_tag)
+            message._state = "ACK"
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Wait for a message without taking it: ``BLMOVE q q RIGHT RIGHT`` answers as soon as
         the queue holds one and leaves the list as it was. The take that follows pops and

@@ -17,9 +17,7 @@ def fault_engine_dead(state: Any) -> dict[str, Any]:
     """Make the engine's next step raise EngineDeadError."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    from workers.runtime import current
-
-    llm = current().engine._engine  # type: ignore[attr-defined]
+    llm = state.consumer.controller.runtime.engine._engine
 
     def dead_step(*args: Any, **kwargs: Any) -> Any:
         raise EngineDeadError("engine core died (injected by the test)")

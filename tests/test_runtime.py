@@ -81,27 +81,27 @@ def test_idle_unload_then_the_next_request_reloads() -> None:
     assert runtime.describe()["state"] == "ready" and runtime.loads == 2
 
 
-def test_lifecycle_actions_reload_and_report() -> None:
+def test_lifecycle_tasks_reload_and_report() -> None:
     from producer.errors import UnknownModel as Unknown
-    from workers.runtime import execute as run_task
-    from workers.runtime import install
+    from producer.tasks import engine_status, warmup
 
     runtime = _runtime()
     assert runtime.unload_if_idle(0, lambda: 0) is True
-    install(runtime)
-    try:
-        from types import SimpleNamespace
 
-        from producer.tasks import engine_status, warmup
+    def run_task(task: Any, kwargs: dict[str, Any]) -> Any:
+        # The task object as a worker's pool runs it: the app's task, with its request.
+        task.push_request(id="t", redelivered=False)
+        try:
+            return runtime.execute(task, kwargs)
+        finally:
+            task.pop_request()
 
-        report = run_task(SimpleNamespace(action=warmup.action), {"model": "m"})
-        assert report["ready"] is True and runtime.loads == 2
-        status = run_task(SimpleNamespace(action=engine_status.action), {"engine_id": "e1"})
-        assert status["engine_id"] == "e1" and status["state"] == "ready"
-        with pytest.raises(Unknown):
-            run_task(SimpleNamespace(action=engine_status.action), {"engine_id": "zz"})
-    finally:
-        install(None)
+    report = run_task(warmup, {"model": "m"})
+    assert report["ready"] is True and runtime.loads == 2
+    status = run_task(engine_status, {"engine_id": "e1"})
+    assert status["engine_id"] == "e1" and status["state"] == "ready"
+    with pytest.raises(Unknown):
+        run_task(engine_status, {"engine_id": "zz"})
 
 
 def test_tool_calls_and_json_are_read_on_the_worker() -> None:

@@ -3,8 +3,10 @@
 The worker starts consuming only its engine's own queue. A loader thread builds the engine and
 answers a warmup request; only then does the worker add ``fleet.model.<model>`` (through Celery's
 own ``add_consumer`` control command, which runs on the consumer's thread), so no task ever
-waits on a loading engine. The engine is closed on ``worker_shutdown``, which Celery sends after
-the pool has finished the tasks in flight.
+waits on a loading engine. At a warm shutdown the step waits, once the consumer has stopped
+taking tasks, until every task taken has its result stored and its message acknowledged; the
+engine is closed on ``worker_shutdown``, which Celery sends after that (and after its pool has
+finished the lifecycle tasks it runs).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import redis
@@ -21,11 +24,12 @@ from celery import bootsteps, signals
 from producer import naming
 from producer.engines import queue_depths
 from producer.settings import TINY_MODEL_ID, get_settings
-from workers import runtime as runtime_mod
+from workers.batcher import Batcher
 from workers.cpu import request_amx
 from workers.delivery import Deliveries
 from workers.idle import IdleUnloader
 from workers.lease import Lease
+from workers.outbox import Outbox
 from workers.pinning import parse_gpus, pin_gpus
 from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
@@ -48,38 +52,49 @@ class EngineStep(bootsteps.StartStopStep):
     ) -> None:
         super().__init__(worker, **kwargs)
         self.enabled = model is not None
+        self.model, self.engine_id, self.gpus = model, engine_id, gpus
         self.runtime: Runtime | None = None
+        self.outbox: Outbox | None = None
         self.unloader: IdleUnloader | None = None
         self.lease: Lease | None = None
         self._consumer_ready = threading.Event()
-        if not self.enabled or model is None:
-            return
-        gpu_ids = parse_gpus(gpus)
+
+    def create(self, worker: Any) -> None:
+        """Build the runtime and its collaborators, and give them to the worker: the consumer
+        (micro-batches), the fleet tasks' bodies and the remote-control commands."""
+        assert self.model is not None
+        gpu_ids = parse_gpus(self.gpus)
         pin_gpus(gpu_ids)  # before the engine (and so torch) is even imported
         request_amx()
         settings = get_settings()
         # vLLM reads this when it is first imported, which happens later, on the loader thread.
         multiprocessing = "1" if settings.engine_multiprocessing else "0"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiprocessing
-        config = settings.model(model)
-        if model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
+        config = settings.model(self.model)
+        if self.model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
-        self.runtime = Runtime(
-            model_id=naming.check_id(model, what="--model"),
-            engine_id=engine_id or worker.hostname.split("@", 1)[0],
+        deliveries = Deliveries(max_deliveries=settings.max_deliveries,
+                                ttl_s=settings.result_expires)
+        self.runtime = runtime = Runtime(
+            model_id=naming.check_id(self.model, what="--model"),
+            engine_id=self.engine_id or worker.hostname.split("@", 1)[0],
             config=config,
             gpus=gpu_ids,
-            deliveries=Deliveries(max_deliveries=settings.max_deliveries,
-                                  ttl_s=settings.result_expires),
+            deliveries=deliveries,
             on_failure=lambda reason: self._stop_failed(worker.app, worker.hostname),
         )
+        self.outbox = Outbox(runtime, deliveries)
+        worker.runtime = runtime
+        worker.batcher = Batcher(runtime, self.outbox, deliveries, worker.hostname)
+        for name in naming.FLEET_TASKS:
+            worker.app.tasks[name].executor = runtime.execute
         self.lease = Lease(redis.Redis.from_url(settings.broker_url), settings.visibility_timeout)
-        runtime_mod.install(self.runtime)
         signals.worker_ready.connect(self._on_consumer_ready, weak=False)
         signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
 
     def start(self, worker: Any) -> None:
-        assert self.runtime is not None
+        assert self.runtime is not None and self.outbox is not None
+        self.outbox.start()
         if self.lease is not None:
             self.lease.start()
         loader = threading.Thread(
@@ -87,6 +102,19 @@ class EngineStep(bootsteps.StartStopStep):
             daemon=True,
         )
         loader.start()
+
+    def stop(self, worker: Any) -> None:
+        """Warm shutdown (the consumer has stopped taking tasks): finish every job taken, with
+        its result stored and its message acknowledged, while the engine still runs."""
+        batcher = getattr(worker, "batcher", None)
+        if batcher is not None:
+            while batcher.held():
+                time.sleep(0.05)
+        if self.outbox is not None:
+            self.outbox.stop()
+
+    def terminate(self, worker: Any) -> None:
+        """Cold shutdown: what is held comes back to the queue after the visibility timeout."""
 
     def info(self, worker: Any) -> dict[str, Any]:
         """Merged into ``celery inspect stats``, so Flower's worker page shows the engine."""

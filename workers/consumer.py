@@ -15,6 +15,9 @@ when they name a task id) rather than only in the log (:mod:`workers.refusals`),
 runs the fleet's own tasks only: a message naming any other task, Celery's built-ins included,
 is refused like an unknown one.
 
+Serving tasks are served in micro-batches (:mod:`workers.batcher`) when the worker holds an
+engine: their strategy is the batcher's.
+
 Selected by the worker's Celery config (``worker_consumer``, see :mod:`workers.app`).
 """
 
@@ -28,6 +31,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from producer.naming import FLEET_TASKS
+from workers.batcher import batched
 from workers.refusals import envelope_problem, refuse, task_id_of
 
 log = logging.getLogger(__name__)
@@ -60,11 +64,17 @@ class Consumer(CeleryConsumer):
 
     def update_strategies(self) -> None:
         super().update_strategies()
+        batcher = getattr(self.controller, "batcher", None)
+        if batcher is not None:
+            batcher.bind(self)
         for name in list(self.strategies):
-            if name in FLEET_TASKS:
-                self.strategies[name] = self._checked(self.strategies[name])
-            else:
+            if name not in FLEET_TASKS:
                 del self.strategies[name]  # received, it goes to on_unknown_task
+                continue
+            strategy = self.strategies[name]
+            if batcher is not None and batched(self.app.tasks[name]):
+                strategy = batcher.strategy(self.app.tasks[name], fallback=strategy)
+            self.strategies[name] = self._checked(strategy)
 
     def _checked(self, strategy: Any) -> Any:
         """``strategy``, behind the checks whose failure Celery meets only in the tracer,

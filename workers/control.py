@@ -7,20 +7,25 @@ from typing import Any
 from celery.worker.control import control_command, inspect_command
 
 from producer.naming import model_queue
-from workers import runtime
+from workers.runtime import Runtime
+
+
+def _runtime(state: Any) -> Runtime | None:
+    """The engine runtime of the worker answering (set by its engine bootstep), if any."""
+    return getattr(state.consumer.controller, "runtime", None)
 
 
 @inspect_command()
 def engine(state: Any) -> dict[str, Any] | None:
     """The engine this worker holds: model, state, GPUs and counters (None if no engine)."""
-    current = runtime.current_or_none()
+    current = _runtime(state)
     return current.describe() if current is not None else None
 
 
 @inspect_command(args=[("timeout", float)], signature="[timeout=2.0]")
 def engine_health(state: Any, timeout: float = 2.0) -> dict[str, Any]:
     """Whether this worker's engine answers (from the engine thread itself, not the worker)."""
-    current = runtime.current_or_none()
+    current = _runtime(state)
     if current is None:
         return {"ready": False, "state": "no engine"}
     return current.health(timeout)
@@ -29,7 +34,7 @@ def engine_health(state: Any, timeout: float = 2.0) -> dict[str, Any]:
 @control_command()
 def engine_drain(state: Any) -> dict[str, Any]:
     """Stop taking tasks from the model queue; tasks already taken finish (state: draining)."""
-    current = runtime.current_or_none()
+    current = _runtime(state)
     if current is None:
         return {"ok": False, "state": "no engine"}
     current.drain()

@@ -31,6 +31,10 @@ from producer.errors import DeadLettered
 log = logging.getLogger(__name__)
 
 
+class AlreadyDone(Exception):
+    """The task already has a stored result: it is not run again, its message is acked."""
+
+
 class Deliveries:
     """Counts the deliveries of each task in the result backend's Redis."""
 
@@ -38,46 +42,64 @@ class Deliveries:
         self.max_deliveries = max_deliveries
         self.ttl_s = ttl_s
 
-    def admit(self, task: Any, kwargs: dict[str, Any]) -> int:
-        """Check a redelivered task; raise if it must not run. Returns its delivery number.
+    def admit(self, task: Any, kwargs: dict[str, Any]) -> None:
+        """Check a task on Celery's ordinary path; raise if it must not run."""
+        if not getattr(task.request, "redelivered", False):
+            return
+        verdict = self.check(task.backend, [(task.request.id, task.name, kwargs)])[0]
+        if isinstance(verdict, AlreadyDone):
+            raise Ignore()
+        if verdict is not None:
+            raise verdict
+
+    def check(self, backend: Any, redelivered: list[tuple[str, str, dict[str, Any]]]
+              ) -> list[Exception | None]:
+        """Verdicts on redelivered tasks ``(id, name, kwargs)``, in one round trip: None (run
+        it), AlreadyDone, or DeadLettered (its copy is then in the dead-letter list).
 
         A first delivery costs nothing: kombu marks every message it puts back on a queue
-        (``redelivered`` header), so only those pay the Redis round trip. The counter holds the
-        number of redeliveries.
+        (``redelivered`` header), so only those are checked. The counter holds the number of
+        redeliveries.
         """
-        task_id = task.request.id
-        if not getattr(task.request, "redelivered", False):
-            return 1
-        backend = task.backend
+        if not redelivered:
+            return []
+        with backend.client.pipeline(transaction=False) as pipe:
+            for task_id, _, _ in redelivered:
+                key = naming.deliveries_key(task_id)
+                pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
+            answers = pipe.execute()
+        verdicts: list[Exception | None] = []
+        for n, (task_id, name, kwargs) in enumerate(redelivered):
+            redeliveries, stored = answers[3 * n], answers[3 * n + 2]
+            if stored is not None:
+                status = backend.decode_result(stored).get("status")
+                if status in states.READY_STATES:
+                    log.info("task %s already has a %s result; not running it again", task_id,
+                             status)
+                    verdicts.append(AlreadyDone(task_id))
+                    continue
+            delivery = 1 + int(redeliveries)
+            if delivery > self.max_deliveries:
+                self._dead_letter(backend, task_id, name, kwargs, delivery)
+                verdicts.append(DeadLettered(
+                    f"task {task_id} was dead-lettered after {delivery - 1} deliveries "
+                    f"(max_deliveries {self.max_deliveries}): it killed or lost its worker "
+                    f"each time"))
+                continue
+            verdicts.append(None)
+        return verdicts
+
+    def release(self, task_id: str, backend: Any) -> None:
+        """Give back this delivery: the task is requeued on purpose, not lost with a worker."""
         key = naming.deliveries_key(task_id)
         with backend.client.pipeline(transaction=False) as pipe:
-            pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
-            redeliveries, _, stored = pipe.execute()
-        if stored is not None:
-            meta = backend.decode_result(stored)
-            if meta.get("status") in states.READY_STATES:
-                log.info("task %s already has a %s result; not running it again", task_id,
-                         meta["status"])
-                raise Ignore()
-        delivery = 1 + int(redeliveries)
-        if delivery > self.max_deliveries:
-            self._dead_letter(task, kwargs, delivery)
-            raise DeadLettered(
-                f"task {task_id} was dead-lettered after {delivery - 1} deliveries "
-                f"(max_deliveries {self.max_deliveries}): it killed or lost its worker each time"
-            )
-        return delivery
-
-    def release(self, task: Any) -> None:
-        """Give back this delivery: the task is requeued on purpose, not lost with a worker."""
-        key = naming.deliveries_key(task.request.id)
-        with task.backend.client.pipeline(transaction=False) as pipe:
             pipe.decr(key).expire(key, self.ttl_s).execute()
 
-    def _dead_letter(self, task: Any, kwargs: dict[str, Any], count: int) -> None:
+    def _dead_letter(self, backend: Any, task_id: str, name: str, kwargs: dict[str, Any],
+                     count: int) -> None:
         model = kwargs.get("model") if isinstance(kwargs.get("model"), str) else "unknown"
-        entry = {"id": task.request.id, "task": task.name, "kwargs": kwargs,
-                 "deliveries": count - 1, "at": time.time()}
-        task.backend.client.lpush(naming.dead_letter_queue(str(model)),
-                                  json.dumps(entry, default=str))
-        log.error("task %s dead-lettered after %d deliveries", task.request.id, count - 1)
+        entry = {"id": task_id, "task": name, "kwargs": kwargs, "deliveries": count - 1,
+                 "at": time.time()}
+        backend.client.lpush(naming.dead_letter_queue(str(model)),
+                             json.dumps(entry, default=str))
+        log.error("task %s dead-lettered after %d deliveries", task_id, count - 1)

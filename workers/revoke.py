@@ -42,17 +42,24 @@ class RevokeWatcher:
     @contextmanager
     def watching(self, task_id: str, engine: Engine, request_ids: list[str]) -> Iterator[None]:
         """While inside, a revoke of ``task_id`` aborts ``request_ids`` in ``engine``."""
+        self.watch(task_id, engine, request_ids)
+        try:
+            yield
+        finally:
+            self.unwatch(task_id)
+
+    def watch(self, task_id: str, engine: Engine, request_ids: list[str]) -> None:
+        """Until :meth:`unwatch`, a revoke of ``task_id`` aborts ``request_ids`` in ``engine``."""
         with self._lock:
             self._watched[task_id] = (engine, request_ids)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="revoke-watcher",
                                                 daemon=True)
                 self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._watched.pop(task_id, None)
+
+    def unwatch(self, task_id: str) -> None:
+        with self._lock:
+            self._watched.pop(task_id, None)
 
     def _run(self) -> None:
         while True:  # a daemon thread, for the worker's whole life

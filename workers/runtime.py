@@ -1,7 +1,8 @@
 """The engine a worker process holds, and how a task's request reaches it.
 
-One runtime per worker process, built by the worker's bootstep when the worker starts and
-looked up by the task bodies with :func:`current`.
+One runtime per worker process, built by the worker's engine bootstep (``workers/bootstep.py``),
+which hands it to the micro-batch path (``workers/batcher.py``), to the fleet tasks' bodies
+(``ModelTask.executor``) and to the remote-control commands (the worker's ``runtime``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -30,7 +32,7 @@ from producer.schema import (
     parse,
 )
 from producer.settings import ModelConfig
-from producer.tasks import install_executor
+from producer.tasks import EngineStatusTask, ManyTask, WarmupTask
 from workers import replies
 from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
@@ -58,6 +60,23 @@ class Revoked(Exception):
     """The task was revoked while its requests were in the engine; they were aborted."""
 
 
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A serving task's requests for the engine, and how its result is read from their
+    outputs once all are done (``answer`` raises the task's error, if it has one)."""
+
+    requests: list[EngineRequest]
+    answer: Callable[[Sequence[Future[EngineOutput]]], Any]
+
+
+def check_revoked(task_id: str, futures: Sequence[Future[EngineOutput]]) -> None:
+    """Raise Revoked if the task's requests were aborted because it was revoked."""
+    aborted = any(f.exception() is None and f.result().finish_reason == "abort"
+                  for f in futures)
+    if aborted and is_revoked(task_id):
+        raise Revoked(f"task {task_id} was revoked; its requests were aborted")
+
+
 class Runtime:
     """A model's engine inside one worker: load, warm up, serve requests."""
 
@@ -81,7 +100,7 @@ class Runtime:
         #: Counts deliveries (redelivery and poison checks); None: every delivery runs.
         self.deliveries = deliveries
         self._failed = threading.Event()
-        self._revokes = RevokeWatcher()
+        self.revokes = RevokeWatcher()
         self.engine: Engine = self._build()
         self._ready = threading.Event()
         self._lock = threading.Lock()  # state and requests in flight
@@ -131,11 +150,16 @@ class Runtime:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    @contextmanager
-    def _serving(self) -> Iterator[Engine]:
-        """The engine, loaded (reloaded after an idle unload), while a request uses it."""
+    @property
+    def serving_now(self) -> bool:
+        """Whether a batch can go to the engine without waiting (loaded, warm, not failed)."""
+        return self.state in (EngineState.READY, EngineState.DRAINING) and not self.failed
+
+    def acquire(self, count: int = 1) -> Engine:
+        """The engine, for ``count`` requests about to use it: reloaded after an idle unload,
+        waited for while it loads. Blocks in those two cases; :meth:`release` when done."""
         with self._lock:
-            self._inflight += 1
+            self._inflight += count
             unloaded = self.state == EngineState.IDLE_UNLOADED
         try:
             if unloaded:
@@ -144,11 +168,24 @@ class Runtime:
                 raise EngineFailed(f"engine {self.engine_id!r} failed; its worker is stopping")
             elif not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
                 raise NoEngine(f"engine {self.engine_id!r} did not become ready")
-            yield self.engine
+        except BaseException:
+            self.release(count)
+            raise
+        return self.engine
+
+    def release(self, count: int = 1) -> None:
+        with self._lock:
+            self._inflight -= count
+            self.last_active = time.monotonic()
+
+    @contextmanager
+    def _serving(self) -> Iterator[Engine]:
+        """The engine, loaded (reloaded after an idle unload), while a request uses it."""
+        engine = self.acquire()
+        try:
+            yield engine
         finally:
-            with self._lock:
-                self._inflight -= 1
-                self.last_active = time.monotonic()
+            self.release()
 
     def _reload(self) -> None:
         with self._load_lock:
@@ -176,20 +213,35 @@ class Runtime:
                  idle_s)
         return True
 
+    def prepare(self, task: Any, task_id: str, kwargs: dict[str, Any]) -> Work:
+        """A serving task's requests for the engine; raises FleetError if the task is invalid."""
+        if isinstance(task, ManyTask):
+            return self._prepare_many(task.item_schema, task_id, kwargs)
+        return self._prepare_one(task.schema, task_id, kwargs)
+
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                kwargs: dict[str, Any]) -> dict[str, Any]:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
-        request, reply = self._engine_request(parse(schema, kwargs), task_id)
-        with self._serving() as engine:
-            futures = engine.submit([request])
-            self._wait(engine, task_id, futures, [request.request_id])
-            return self._completion(futures[0].result(), request.request_id, reply)
+        return self._run(task_id, self._prepare_one(schema, task_id, kwargs))
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         """Serve a many-request: every valid item joins the engine at once; each fails alone."""
+        return self._run(task_id, self._prepare_many(schema, task_id, kwargs))
+
+    def _prepare_one(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
+                     kwargs: dict[str, Any]) -> Work:
+        request, reply = self._engine_request(parse(schema, kwargs), task_id)
+
+        def answer(futures: Sequence[Future[EngineOutput]]) -> dict[str, Any]:
+            return self._completion(futures[0].result(), request.request_id, reply)
+
+        return Work([request], answer)
+
+    def _prepare_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
+                      kwargs: dict[str, Any]) -> Work:
         envelope = parse(ManyRequest, kwargs)
-        outcomes: list[Any] = []
+        outcomes: list[FleetError | None] = []
         valid: list[EngineRequest] = []
         reading: list[Reply | None] = []
         for i, item in enumerate(envelope.requests):
@@ -201,31 +253,30 @@ class Runtime:
                 outcomes.append(None)
             except FleetError as e:
                 outcomes.append(e)
-        with self._serving() as engine:
-            submitted = engine.submit(valid)
-            self._wait(engine, task_id, submitted, [r.request_id for r in valid])
-            futures = iter(zip(valid, reading, submitted, strict=True))
+
+        def answer(futures: Sequence[Future[EngineOutput]]) -> list[dict[str, Any]]:
+            done = iter(zip(valid, reading, futures, strict=True))
             results = []
             for outcome in outcomes:
-                if outcome is None:
+                result: dict[str, Any] | FleetError | None = outcome
+                if result is None:
                     try:
-                        sent, reply, future = next(futures)
-                        outcome = self._completion(future.result(), sent.request_id, reply)
+                        sent, reply, future = next(done)
+                        result = self._completion(future.result(), sent.request_id, reply)
                     except FleetError as e:
-                        outcome = e
-                results.append(item_result(outcome))
-        return results
+                        result = e
+                results.append(item_result(result))
+            return results
 
-    def _wait(self, engine: Engine, task_id: str, futures: Sequence[Future[EngineOutput]],
-              request_ids: list[str]) -> None:
-        """Until every future is done; raise Revoked if the task was revoked meanwhile (the
-        revoke watcher then aborted its requests in the engine)."""
-        with self._revokes.watching(task_id, engine, request_ids):
-            wait(futures)
-        aborted = any(f.exception() is None and f.result().finish_reason == "abort"
-                      for f in futures)
-        if aborted and is_revoked(task_id):
-            raise Revoked(f"task {task_id} was revoked; its requests were aborted")
+        return Work(valid, answer)
+
+    def _run(self, task_id: str, work: Work) -> Any:
+        with self._serving() as engine:
+            futures = engine.submit(work.requests)
+            with self.revokes.watching(task_id, engine, [r.request_id for r in work.requests]):
+                wait(futures)
+            check_revoked(task_id, futures)
+            return work.answer(futures)
 
     def _engine_request(self, request: GenerateRequest | ChatRequest,
                         request_id: str) -> tuple[EngineRequest, Reply | None]:
@@ -260,6 +311,33 @@ class Runtime:
                 f"cap of {cap} (max_tokens_cap)"
             )
         return sampling
+
+    def execute(self, task: Any, kwargs: dict[str, Any]) -> Any:
+        """The body of a fleet task that takes Celery's ordinary path in this worker (lifecycle
+        tasks, a countdown or a canvas; the rest is served in micro-batches by
+        :mod:`workers.batcher`), as ``ModelTask.executor``.
+
+        A redelivered task that already has a result, or a poison one, stops at the delivery
+        check. A task whose engine died goes back to its queue for another worker (its message
+        is requeued, not acknowledged). A revoked one ends REVOKED, as Celery users expect.
+        """
+        if self.deliveries is not None:
+            self.deliveries.admit(task, kwargs)
+        try:
+            if isinstance(task, WarmupTask):
+                return self.warmup(parse(WarmupRequest, kwargs).model)
+            if isinstance(task, EngineStatusTask):
+                return self.status(parse(StatusRequest, kwargs).engine_id)
+            return self._run(task.request.id, self.prepare(task, task.request.id, kwargs))
+        except Revoked as e:
+            task.backend.mark_as_revoked(task.request.id, reason=str(e), request=task.request)
+            raise Ignore() from e
+        except EngineFailed as e:
+            if not self.failed:
+                raise
+            if self.deliveries is not None:
+                self.deliveries.release(task.request.id, task.backend)
+            raise Reject(e, requeue=True) from e
 
     def describe(self) -> dict[str, Any]:
         """What this engine is and does, for ``celery inspect engine`` and Flower."""
@@ -305,62 +383,8 @@ class Runtime:
         self.engine.close()
 
 
-_current: Runtime | None = None
-
-
-def install(runtime: Runtime | None) -> None:
-    """Make ``runtime`` the one the task bodies of this process use."""
-    global _current
-    _current = runtime
-    install_executor(execute if runtime is not None else None)
-
-
 def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
     """One entry of a many-request's result (the shape of ``producer.schema.ItemResult``)."""
     if isinstance(outcome, FleetError):
         return {"error": {"type": type(outcome).__name__, "message": str(outcome)}}
     return {"ok": outcome}
-
-
-def execute(task: Any, kwargs: dict[str, Any]) -> Any:
-    """The body of every fleet task in a worker: serve it on this process's engine.
-
-    A redelivered task that already has a result, or a poison one, stops at the delivery check.
-    A task whose engine died goes back to its queue for another worker (its message is
-    requeued, not acknowledged). A revoked one ends REVOKED, as Celery users expect.
-    """
-    runtime = current()
-    if runtime.deliveries is not None:
-        runtime.deliveries.admit(task, kwargs)
-    try:
-        return _dispatch(runtime, task, kwargs)
-    except Revoked as e:
-        task.backend.mark_as_revoked(task.request.id, reason=str(e), request=task.request)
-        raise Ignore() from e
-    except EngineFailed as e:
-        if not runtime.failed:
-            raise
-        if runtime.deliveries is not None:
-            runtime.deliveries.release(task)
-        raise Reject(e, requeue=True) from e
-
-
-def _dispatch(runtime: Runtime, task: Any, kwargs: dict[str, Any]) -> Any:
-    if task.action == "serve_many":
-        return runtime.handle_many(task.item_schema, task.request.id, kwargs)
-    if task.action == "warmup":
-        return runtime.warmup(parse(WarmupRequest, kwargs).model)
-    if task.action == "status":
-        return runtime.status(parse(StatusRequest, kwargs).engine_id)
-    return runtime.handle(task.schema, task.request.id, kwargs)
-
-
-def current_or_none() -> Runtime | None:
-    return _current
-
-
-def current() -> Runtime:
-    """The runtime of this worker process; NoEngine outside a fleet worker."""
-    if _current is None:
-        raise NoEngine("this worker holds no engine (start it with `fleet worker --model ...`)")
-    return _current

@@ -1,0 +1,191 @@
+"""Where finished micro-batch jobs leave the worker: results, acknowledgements and events together.
+
+One thread of the worker. Each time it wakes it takes every job finished since (an engine step
+usually finishes many), builds their results (tool calls and JSON are read here, so the engine's
+thread only generates), stores them in one pipelined round trip (``ResultBackend.store_many``,
+each write the same check-and-store script as a single one), then drops their unacked records in
+one more (``Channel.forget_unacked``). A result is always stored before its message is
+acknowledged: a worker killed in between leaves a message whose redelivery finds the result and
+is acknowledged without running again (``workers/delivery.py``).
+
+What a job ends as, as Celery's tracer would end it:
+
+- its answer: SUCCESS;
+- a FleetError (or any other exception): FAILURE, rebuilt by ``AsyncResult.get()`` as the same
+  class;
+- revoked before or while it ran (its requests were aborted), or expired: REVOKED;
+- already done (a redelivery that found a stored result): acknowledged, nothing stored;
+- its engine died: no result; the message goes back to the front of its queue for another
+  worker (and its delivery is given back, so it is not counted as a poison message).
+
+Task events (``task-received``, ``-started``, ``-succeeded``, ``-failed``, ``-revoked``) go into
+Celery's event buffer, which the consumer flushes a few milliseconds later in one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from celery import states
+from celery.exceptions import TaskRevokedError
+from celery.worker import state as worker_state
+
+from producer.errors import EngineFailed, FleetError
+from workers.delivery import AlreadyDone, Deliveries
+from workers.job import Job
+from workers.runtime import Revoked, Runtime, check_revoked
+
+log = logging.getLogger(__name__)
+
+#: Longest repr of a result or error in a task event (Celery's ``resultrepr_maxsize``).
+REPR_MAX = 1024
+
+
+def _repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
+class Outbox(threading.Thread):
+    """Stores finished jobs' results together, then acknowledges them together."""
+
+    def __init__(self, runtime: Runtime, deliveries: Deliveries | None) -> None:
+        super().__init__(name="outbox", daemon=True)
+        self.runtime = runtime
+        self.deliveries = deliveries
+        self._done: deque[tuple[Job, BaseException | None]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        #: Sends a task event (``EventDispatcher.send``); None: events are off.
+        self.send_event: Callable[..., Any] | None = None
+        #: Runs a callable on the event loop's thread (the hub's ``call_soon``).
+        self.call_soon: Callable[[Callable[[], None]], Any] | None = None
+
+    # --- any thread ---------------------------------------------------------------------------
+
+    def put(self, job: Job, outcome: BaseException | None = None) -> None:
+        """``job`` is finished: its requests are done (``outcome`` None), or it ends with
+        ``outcome`` without running (an error, a revoke, AlreadyDone)."""
+        self._done.append((job, outcome))
+        self._wake.set()
+
+    def event(self, job: Job, kind: str, **fields: Any) -> None:
+        """Buffer one task event (Celery's fields for ``kind``), if events are on."""
+        if self.send_event is not None and job.task.send_events:
+            self.send_event(kind, uuid=job.id, **fields)
+
+    def stop(self) -> None:
+        """Write out what is finished, then end the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self.is_alive():
+            self.join()
+
+    # --- the outbox's thread ------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            batch = []
+            while self._done:
+                batch.append(self._done.popleft())
+            if batch:
+                try:
+                    self.finish(batch)
+                except Exception:  # never lose the thread: the messages come back redelivered
+                    log.exception("could not finish %d task(s)", len(batch))
+            elif self._stopping:
+                return
+
+    def finish(self, batch: list[tuple[Job, BaseException | None]]) -> None:
+        """Store, acknowledge and announce one batch of finished jobs."""
+        stored: list[tuple[str, Any, str, str | None]] = []
+        acked: list[Job] = []
+        requeued: list[Job] = []
+        events: list[tuple[Job, str, dict[str, Any]]] = []
+        for job, outcome in batch:
+            state, value, tb = self._outcome(job, outcome)
+            if state is None:
+                requeued.append(job)
+                continue
+            acked.append(job)
+            if state == "IGNORED":
+                continue
+            stored.append((job.id, value, state, tb))
+            events.append((job, *_event(job, state, value, tb)))
+        if stored:
+            acked[0].task.backend.store_many(stored)
+        self._acknowledge(acked, requeued)
+        for job, kind, fields in events:
+            self.event(job, kind, **fields)
+        for job in acked + requeued:
+            worker_state.task_ready(job)
+
+    def _outcome(self, job: Job, outcome: BaseException | None
+                 ) -> tuple[str | None, Any, str | None]:
+        """(state, value, traceback) of a finished job; state None: requeue it."""
+        try:
+            if outcome is not None:
+                raise outcome
+            check_revoked(job.id, job.futures)
+            assert job.work is not None
+            return states.SUCCESS, job.work.answer(job.futures), None
+        except AlreadyDone:
+            return "IGNORED", None, None
+        except (Revoked, TaskRevokedError) as e:
+            return states.REVOKED, TaskRevokedError(str(e)), None
+        except EngineFailed as e:
+            if self.runtime.failed:
+                return None, None, None
+            return states.FAILURE, e, None
+        except FleetError as e:
+            return states.FAILURE, e, None
+        except Exception as e:
+            log.exception("task %s failed", job.id)
+            return states.FAILURE, e, traceback.format_exc()
+
+    def _acknowledge(self, acked: list[Job], requeued: list[Job]) -> None:
+        """Drop the acked messages' unacked records; put the requeued ones back in front of
+        their queues. Redis first, from here; this process's bookkeeping then runs on the
+        event loop's thread, which owns it."""
+        for job in requeued:
+            if self.deliveries is not None:
+                self.deliveries.release(job.id, job.task.backend)
+        by_channel: dict[Any, list[Any]] = {}
+        for job in acked + requeued:
+            by_channel.setdefault(job.message.channel, []).append(job.message)
+        requeued_tags = {job.message.delivery_tag for job in requeued}
+        for channel, messages in by_channel.items():
+            try:
+                for message in messages:
+                    if message.delivery_tag in requeued_tags:
+                        channel.qos.restore_by_tag(message.delivery_tag, leftmost=True)
+                channel.forget_unacked([m.delivery_tag for m in messages
+                                        if m.delivery_tag not in requeued_tags])
+            except Exception:  # the visibility sweep brings them back; results are stored
+                log.warning("could not acknowledge %d task(s)", len(messages), exc_info=True)
+                continue
+            if self.call_soon is not None:
+                self.call_soon(partial(channel.acked, messages))
+            else:
+                channel.acked(messages)
+        for job in acked:
+            job.acknowledged = True
+
+
+def _event(job: Job, state: str, value: Any, tb: str | None) -> tuple[str, dict[str, Any]]:
+    runtime = time.time() - job.time_start if job.time_start else 0.0
+    if state == states.SUCCESS:
+        return "task-succeeded", {"result": _repr(value), "runtime": runtime}
+    if state == states.REVOKED:
+        return "task-revoked", {"terminated": False, "signum": None,
+                                "expired": "expired" in str(value)}
+    return "task-failed", {"exception": _repr(value), "traceback": tb or ""}
