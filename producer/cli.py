@@ -28,8 +28,9 @@ def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, logleve
         "-n", f"{engine_id}@{host}",
         # The engine's own queue only: the model queue is added once the engine is warm.
         "-Q", naming.engine_queue(engine_id),
-        # The engine lives in this process (vLLM must not start inside a forked daemonic child);
-        # pool threads wait on it, one request each.
+        # The engine lives in this process (vLLM must not start inside a forked daemonic child).
+        # Serving tasks skip the pool (workers/batcher.py); its threads run lifecycle tasks, and
+        # its size sets how many tasks the worker takes (Celery's prefetch).
         "-P", "threads", "-c", str(concurrency),
         *events, "--without-gossip", "-l", loglevel,
     ]

@@ -137,7 +137,8 @@ class FleetSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "vllm-fleet"
     """Where the embedded tiny model is built."""
     worker_concurrency: int = Field(default=256, ge=1)
-    """Requests one worker holds in flight (threads of its pool)."""
+    """Tasks one worker holds at once: taken from its queues and not yet acknowledged. Its
+    engine batches across all of them; the rest stay queued for the model's other workers."""
     task_events: bool = True
     """Workers send Celery task events (what Flower shows per task); three extra Redis writes
     per task."""

@@ -3,8 +3,8 @@
 Loaded into a worker by the tests only (``celery worker --include tests.chaos_worker``). The
 fake engine answers at once; here each batch is answered ``LATENCY_S`` later, so a killed
 worker usually holds tasks in flight, as a real engine's worker does. Every successful run
-appends ``<task id> <engine id>`` to the Redis list ``RUNS_KEY`` (after Celery stored the
-result), so a test can count how often each task really ran.
+appends ``<task id> <engine id>`` to the Redis list ``RUNS_KEY`` (after the worker stored
+the results of a batch), so a test can count how often each task really ran.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from celery import signals
-
+from producer.backend import ResultBackend
 from workers.engines.base import EngineOutput, EngineRequest
 from workers.engines.fake import FakeEngine
 
@@ -40,7 +39,15 @@ def _slow_submit(self: FakeEngine, requests: Sequence[EngineRequest]) -> list[Fu
 FakeEngine.submit = _slow_submit  # type: ignore[method-assign]
 
 
-@signals.task_success.connect
-def _log_run(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
-    if isinstance(result, dict) and "engine_id" in result:
-        sender.backend.client.rpush(RUNS_KEY, f"{sender.request.id} {result['engine_id']}")
+_store_many = ResultBackend.store_many
+
+
+def _logged_store_many(self: ResultBackend, results: list[tuple[str, Any, str, Any]]) -> None:
+    _store_many(self, results)
+    runs = [f"{task_id} {result['engine_id']}" for task_id, result, state, _ in results
+            if state == "SUCCESS" and isinstance(result, dict) and "engine_id" in result]
+    if runs:
+        self.client.rpush(RUNS_KEY, *runs)
+
+
+ResultBackend.store_many = _logged_store_many  # type: ignore[method-assign]

@@ -90,10 +90,10 @@ class Batcher:
                          retries=headers.get("retries", 0), eta=None,
                          expires=headers.get("expires"), root_id=headers.get("root_id"),
                          parent_id=headers.get("parent_id"))
-            if job.id in revoked:
-                return outbox.put(job, TaskRevokedError("revoked"))
-            if headers.get("expires") and _expired(headers["expires"]):
-                return outbox.put(job, TaskRevokedError("expired"))
+            if job.id in revoked or (headers.get("expires") and _expired(headers["expires"])):
+                log.info("Discarding revoked task: %s[%s]", job.name, job.id)  # Celery's words
+                return outbox.put(job, TaskRevokedError(
+                    "revoked" if job.id in revoked else "expired"))
             self._taken.append(job)
             if len(self._taken) == 1:
                 if self._call_soon is None:
