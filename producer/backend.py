@@ -14,6 +14,7 @@ a stored value it cannot decode is overwritten, as Celery's check would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -22,6 +23,7 @@ from celery.backends.redis import RedisBackend
 from celery.backends.redis import ResultConsumer as RedisResultConsumer
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
+from redis.exceptions import NoScriptError
 
 #: The check-and-store script (``producer/lua/store_unless_success.lua``), read once.
 STORE_UNLESS_SUCCESS = (resources.files("producer") / "lua" / "store_unless_success.lua"
@@ -51,6 +53,8 @@ class ResultBackend(RedisBackend):
 
     ResultConsumer = ResultConsumer
     _script: Any = None
+    _sha: str | None = None
+    _extended: bool | None = None
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
@@ -66,9 +70,12 @@ class ResultBackend(RedisBackend):
                     (self.get_key_for_task(task_id), value, expires))
         return result
 
-    def store_many(self, results: list[tuple[str, Any, str, str | None]]) -> None:
+    def store_many(self, results: list[tuple[str, Any, str, str | None]],
+                   then: Callable[[Any], None] | None = None) -> None:
         """Store the results ``(task_id, result, state, traceback)`` of many tasks in one
-        pipelined round trip, each with the same check as a single write."""
+        pipelined round trip, each with the same check as a single write. ``then`` may add
+        commands of its own to the pipeline, after the writes (the same Redis, e.g. the acks
+        of those tasks' messages)."""
         writes = []
         for task_id, result, state, traceback in results:
             value = self._encoded(task_id, result, state, traceback)
@@ -79,22 +86,43 @@ class ResultBackend(RedisBackend):
                     state, traceback)
             expires = self.failure_expires if state == states.FAILURE else self.expires
             writes.append((self.get_key_for_task(task_id), value, int(expires or 0)))
-        if writes:
-            self.ensure(self._store_all, (writes,))
+        if writes or then is not None:
+            self.ensure(self._store_all, (writes, then))
 
     def _encoded(self, task_id: str, result: Any, state: str, traceback: str | None) -> Any:
-        meta = self._get_result_meta(result=self.encode_result(result, state), state=state,
-                                     traceback=traceback, request=None)
+        if self._extended is None:
+            self._extended = bool(self.app.conf.find_value_for_key("extended", "result"))
+        if self._extended:  # Celery's own meta, with the request's fields (none here)
+            meta = self._get_result_meta(result=self.encode_result(result, state),
+                                         state=state, traceback=traceback, request=None)
+        else:  # what _get_result_meta returns without a request, without its lookups
+            meta = {"status": state, "result": self.encode_result(result, state),
+                    "traceback": traceback, "children": [],
+                    "date_done": self.app.now().isoformat()}
         meta["task_id"] = task_id
         return self.encode(meta)
 
-    def _store_all(self, writes: list[tuple[Any, Any, int]]) -> None:
-        if self._script is None:
-            self._script = self.client.register_script(STORE_UNLESS_SUCCESS)
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, value, expires in writes:
-                self._script(keys=[key], args=[value, expires], client=pipe)
-            pipe.execute()
+    def _store_all(self, writes: list[tuple[Any, Any, int]],
+                   then: Callable[[Any], None] | None) -> None:
+        sha = self._script_sha()
+        for attempt in (1, 2):
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, value, expires in writes:
+                    pipe.execute_command("EVALSHA", sha, 1, key, value, expires)
+                if then is not None:
+                    then(pipe)
+                try:
+                    pipe.execute()
+                    return
+                except NoScriptError:  # Redis restarted without its scripts: load, redo
+                    if attempt == 2:
+                        raise
+                    sha = self._script_sha(reload=True)
+
+    def _script_sha(self, reload: bool = False) -> str:
+        if self._sha is None or reload:
+            self._sha = self.client.script_load(STORE_UNLESS_SUCCESS)
+        return self._sha
 
     def _store_unless_success(self, key: Any, value: Any, expires: Any) -> None:
         if self._script is None:

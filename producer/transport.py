@@ -150,14 +150,28 @@ class Channel(kombu_redis.Channel):
 
         return super().basic_consume(queue, no_ack, guarded, consumer_tag, **kwargs)
 
-    def forget_unacked(self, tags: list[str]) -> None:
+    def forget_unacked(self, tags: list[str], pipe: Any = None) -> None:
         """Drop acknowledged messages from Redis's unacked records: one round trip for any
-        number of them, safe from any thread (:meth:`acked` then does this process's part)."""
+        number of them, safe from any thread (:meth:`acked` then does this process's part).
+        With ``pipe`` (a pipeline on this channel's Redis, see :meth:`shares_redis`) the
+        commands join it instead."""
         if not tags:
+            return
+        if pipe is not None:
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
             return
         with self.conn_or_acquire() as client:
             client.pipeline().zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags
                                                                         ).execute()
+
+    def shares_redis(self, client: Any) -> bool:
+        """Whether ``client`` (say, the result backend's) talks to this channel's Redis
+        database with the same key names, so both can share one pipeline."""
+        if self.global_keyprefix:
+            return False
+        mine = self.pool.connection_kwargs
+        theirs = client.connection_pool.connection_kwargs
+        return all(mine.get(k) == theirs.get(k) for k in ("host", "port", "path", "db"))
 
     def acked(self, messages: list[Any]) -> None:
         """This process's bookkeeping of messages :meth:`forget_unacked` dropped (the prefetch

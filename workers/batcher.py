@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: Embedded-options keys of a canvas: such a message takes Celery's path (its tracer runs them).
 CANVAS = ("callbacks", "errbacks", "chain", "chord")
 
+#: Task events buffered before a flush is forced (three per task).
+EVENT_BUFFER_LIMIT = 3 * 1024
+
 
 def batched(task: Any) -> bool:
     """Whether a task's messages are served in micro-batches (the serving tasks)."""
@@ -70,6 +73,10 @@ class Batcher:
         self.outbox.call_soon = self._call_soon
         dispatcher = consumer.event_dispatcher
         self.outbox.send_event = dispatcher.send if dispatcher and dispatcher.enabled else None
+        if dispatcher is not None:
+            # Events leave in one message per flush (workers/consumer.py, 5 ms after the first),
+            # not every 24 events.
+            dispatcher.buffer_limit = max(dispatcher.buffer_limit, EVENT_BUFFER_LIMIT)
 
     def strategy(self, task: Any, fallback: Any) -> Any:
         """The message handler of ``task`` (Celery's strategy signature); messages it does not

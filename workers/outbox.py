@@ -121,9 +121,7 @@ class Outbox(threading.Thread):
                 continue
             stored.append((job.id, value, state, tb))
             events.append((job, *_event(job, state, value, tb)))
-        if stored:
-            acked[0].task.backend.store_many(stored)
-        self._acknowledge(acked, requeued)
+        self._store_and_acknowledge(stored, acked, requeued)
         for job, kind, fields in events:
             self.event(job, kind, **fields)
         for job in acked + requeued:
@@ -152,24 +150,37 @@ class Outbox(threading.Thread):
             log.exception("task %s failed", job.id)
             return states.FAILURE, e, traceback.format_exc()
 
-    def _acknowledge(self, acked: list[Job], requeued: list[Job]) -> None:
-        """Drop the acked messages' unacked records; put the requeued ones back in front of
-        their queues. Redis first, from here; this process's bookkeeping then runs on the
-        event loop's thread, which owns it."""
-        for job in requeued:
-            if self.deliveries is not None:
-                self.deliveries.release(job.id, job.task.backend)
+    def _store_and_acknowledge(self, stored: list[tuple[str, Any, str, str | None]],
+                               acked: list[Job], requeued: list[Job]) -> None:
+        """Store the results, then drop the acked messages' unacked records, in one round trip
+        where the broker and the backend are the same Redis; put the requeued messages back in
+        front of their queues. Redis first, from here; this process's bookkeeping of the
+        messages then runs on the event loop's thread, which owns it."""
         by_channel: dict[Any, list[Any]] = {}
         for job in acked + requeued:
             by_channel.setdefault(job.message.channel, []).append(job.message)
+        backend = (acked or requeued)[0].task.backend if (acked or requeued) else None
         requeued_tags = {job.message.delivery_tag for job in requeued}
+        shared = [c for c in by_channel if backend is not None and c.shares_redis(backend.client)]
+
+        def acks(pipe: Any) -> None:
+            for channel in shared:
+                channel.forget_unacked([m.delivery_tag for m in by_channel[channel]
+                                        if m.delivery_tag not in requeued_tags], pipe)
+
+        if backend is not None and (stored or shared):
+            backend.store_many(stored, then=acks if shared else None)
+        for job in requeued:
+            if self.deliveries is not None:
+                self.deliveries.release(job.id, job.task.backend)
         for channel, messages in by_channel.items():
             try:
                 for message in messages:
                     if message.delivery_tag in requeued_tags:
                         channel.qos.restore_by_tag(message.delivery_tag, leftmost=True)
-                channel.forget_unacked([m.delivery_tag for m in messages
-                                        if m.delivery_tag not in requeued_tags])
+                if channel not in shared:
+                    channel.forget_unacked([m.delivery_tag for m in messages
+                                            if m.delivery_tag not in requeued_tags])
             except Exception:  # the visibility sweep brings them back; results are stored
                 log.warning("could not acknowledge %d task(s)", len(messages), exc_info=True)
                 continue
