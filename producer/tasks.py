@@ -71,6 +71,10 @@ class ModelTask(Task):
             options["queue"] = naming.model_queue(request.model)
         wire = to_wire(request)
         check_size(wire)
+        # What Flower and the worker's logs show of the call. Celery would build the same with
+        # its saferepr, about a tenth of a millisecond of each .delay(); a plain repr does.
+        options.setdefault("argsrepr", "()")
+        options.setdefault("kwargsrepr", short_repr(wire))
         return super().apply_async((), wire, **options)
 
     def execute(self, kwargs: dict[str, Any]) -> Any:
@@ -143,6 +147,16 @@ class EngineStatusTask(ModelTask):
     def send(self, request: Any, **options: Any) -> AsyncResult:
         options.setdefault("queue", naming.engine_queue(request.engine_id))
         return super().send(request, **options)
+
+
+#: Longest repr of arguments or a result in a message or event (Celery's ``*repr_maxsize``).
+REPR_MAX = 1024
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to ``REPR_MAX`` characters."""
+    text = repr(value)
+    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
 
 
 def check_size(wire: dict[str, Any]) -> None:

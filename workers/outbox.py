@@ -38,20 +38,12 @@ from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state
 
 from producer.errors import EngineFailed, FleetError
+from producer.tasks import short_repr
 from workers.delivery import AlreadyDone, Deliveries
 from workers.job import Job
 from workers.runtime import Revoked, Runtime, check_revoked
 
 log = logging.getLogger(__name__)
-
-#: Longest repr of a result or error in a task event (Celery's ``resultrepr_maxsize``).
-REPR_MAX = 1024
-
-
-def _repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
-
 
 class Outbox(threading.Thread):
     """Stores finished jobs' results together, then acknowledges them together."""
@@ -195,8 +187,8 @@ class Outbox(threading.Thread):
 def _event(job: Job, state: str, value: Any, tb: str | None) -> tuple[str, dict[str, Any]]:
     runtime = time.time() - job.time_start if job.time_start else 0.0
     if state == states.SUCCESS:
-        return "task-succeeded", {"result": _repr(value), "runtime": runtime}
+        return "task-succeeded", {"result": short_repr(value), "runtime": runtime}
     if state == states.REVOKED:
         return "task-revoked", {"terminated": False, "signum": None,
                                 "expired": "expired" in str(value)}
-    return "task-failed", {"exception": _repr(value), "traceback": tb or ""}
+    return "task-failed", {"exception": short_repr(value), "traceback": tb or ""}
