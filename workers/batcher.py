@@ -95,7 +95,8 @@ class Batcher:
             worker_state.task_reserved(job)
             # The reprs the producer wrote, as Celery's own strategy sends them.
             outbox.event(job, "task-received", name=job.name, args=headers.get("argsrepr"),
-                         kwargs=headers.get("kwargsrepr"), retries=headers.get("retries", 0), eta=None,
+                         kwargs=headers.get("kwargsrepr"), retries=headers.get("retries", 0),
+                         eta=None,
                          expires=headers.get("expires"), root_id=headers.get("root_id"),
                          parent_id=headers.get("parent_id"))
             if job.id in revoked or (headers.get("expires") and _expired(headers["expires"])):
