@@ -78,6 +78,17 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         }
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
+        for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
+            out["paired"][f"fleet worker CPU per .delay() task, engine included, {name} ms"] = (
+                1e3 * med(cpu) / n[name])
+        if raw["fleet"].get("single_ms"):
+            single = raw["fleet"]["single_ms"]
+            direct_p50, fleet_p50 = med(single["direct"]), med(single["fleet"])
+            out["latency"] = {
+                "single 32-token request, direct p50 ms": direct_p50,
+                "single 32-token request, fleet .delay().get() p50 ms": fleet_p50,
+                "latency the fleet adds, p50 ms": fleet_p50 - direct_p50,
+            }
         out["memory"] = {
             "fleet worker RSS MB": raw["fleet"]["rss_bytes"] / MB,
             "direct engine process RSS MB": raw["direct"]["rss_bytes"] / MB,
@@ -111,7 +122,7 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("paired", "overhead", "memory"):
+    for section in ("paired", "latency", "overhead", "memory"):
         if section in figs:
             lines.append("")
             digits = 3 if section == "paired" else 2

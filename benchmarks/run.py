@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks import processes, report
 from benchmarks.systems import fleet as fleet_system
 from benchmarks.systems import openai_server
-from benchmarks.systems.direct import DirectEngine
+from benchmarks.systems.direct import SINGLE_TOKENS, DirectEngine
 from benchmarks.workloads import Workload, prompts, workloads
 from producer.localredis import LocalRedis, free_port
 
@@ -93,6 +93,7 @@ def bench_engines(env: dict[str, str], reps: int,
             worker = processes.fleet_worker("tiny", "bench-1", env)
             wait_for_engine("tiny", timeout=300)
         times: dict[str, dict[str, list[float]]] = {"direct": {}, "batch": {}, "delay": {}}
+        delay_cpu: dict[str, list[float]] = {}  # the worker's CPU seconds (engine included)
         for w in workloads():
             if worker is not None:  # warm up the fleet's path as the direct engine warmed up
                 small = Workload(w.name, w.prompts[:64], w.max_tokens[:64])
@@ -112,16 +113,20 @@ def bench_engines(env: dict[str, str], reps: int,
             # direct engine's next 1024 x 1 took 0.66-1.2 s, after a batch-helper run 0.51 s.
             if worker is not None:
                 for _ in range(reps):
+                    cpu0 = processes.cpu_s(worker)
                     times["delay"].setdefault(w.name, []).append(
                         fleet_system.through_delay(w, "tiny"))
+                    delay_cpu.setdefault(w.name, []).append(processes.cpu_s(worker) - cpu0)
             print("   " + w.name + ": " + ", ".join(
                 f"{system} {_median(t[w.name]):.3f}s" for system, t in times.items()
                 if w.name in t), flush=True)
         out: dict[str, Any] = {}
+        single = single_latencies(direct, reps) if direct and worker else None
         if direct is not None:
             out["direct"] = {"times": times["direct"], "rss_bytes": direct.ask("rss")["rss_bytes"]}
         if worker is not None:
             out["fleet"] = {"batch": times["batch"], "delay": times["delay"],
+                            "delay_cpu_s": delay_cpu, "single_ms": single,
                             "rss_bytes": processes.rss(worker)}
         return out
     finally:
@@ -130,6 +135,22 @@ def bench_engines(env: dict[str, str], reps: int,
         if direct is not None:
             direct.process.stdin.close()
             direct.process.wait(60)
+
+
+def single_latencies(direct: DirectEngine, reps: int, calls: int = 30) -> dict[str, Any]:
+    """One request at a time (32 tokens), the direct engine and the fleet's
+    ``.delay().get()`` in alternating rounds of ``calls``: the latency the fleet adds."""
+    from producer.client import generate as generate_one
+
+    out: dict[str, list[float]] = {"direct": [], "fleet": []}
+    for _ in range(max(reps, 2)):
+        out["direct"] += direct.ask(f"single {calls}")["ms"]
+        for i in range(calls):
+            t0 = time.perf_counter()
+            generate_one(f"single {i}", model="tiny", max_tokens=SINGLE_TOKENS,
+                         temperature=0.0, timeout=60)
+            out["fleet"].append((time.perf_counter() - t0) * 1000)
+    return out
 
 
 def bench_openai(env: dict[str, str], reps: int) -> dict[str, Any]:

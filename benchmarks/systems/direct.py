@@ -2,8 +2,9 @@
 
 Run as ``python -m benchmarks.systems.direct``: it loads the engine, warms each workload's
 shapes, then serves the benchmark on stdin, one line per request: a workload name runs that
-workload once and answers its time; ``rss`` answers the process's memory. Answers are JSON lines
-prefixed with ``BENCH`` (vLLM logs to stdout too). Kept resident so that its repetitions can be
+workload once and answers its time; ``single N`` times N sequential one-request calls
+(``SINGLE_TOKENS`` tokens each) and answers their latencies; ``rss`` answers the process's
+memory. Answers are JSON lines prefixed with ``BENCH`` (vLLM logs to stdout too). Kept resident so that its repetitions can be
 interleaved with the fleet's: on a shared, noisy machine both then meet the same noise.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as in a fleet worker
 
 PREFIX = "BENCH "
+#: Tokens of each request of the single-request latency rounds.
+SINGLE_TOKENS = 32
 
 
 def answer(value: dict[str, Any]) -> None:
@@ -45,6 +48,15 @@ def main() -> None:
         name = line.strip()
         if name == "rss":
             answer({"rss_bytes": psutil.Process().memory_info().rss})
+            continue
+        if name.startswith("single "):  # sequential one-request calls: their latencies
+            single = SamplingParams(max_tokens=SINGLE_TOKENS, temperature=0.0)
+            ms = []
+            for i in range(int(name.split()[1])):
+                t0 = time.perf_counter()
+                llm.generate([f"single {i}"], single, use_tqdm=False)
+                ms.append((time.perf_counter() - t0) * 1000)
+            answer({"ms": ms})
             continue
         prompts, params = runs[name]
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from benchmarks import processes
 from benchmarks.workloads import Workload, prompts
 
 
-def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int = 2_000,
+def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int = 20_000,
             n_latency: int = 300) -> dict[str, Any]:
     from benchmarks.systems import fleet as fleet_system
     from benchmarks.systems.noop_app import app as noop_app
