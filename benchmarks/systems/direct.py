@@ -4,8 +4,9 @@ Run as ``python -m benchmarks.systems.direct``: it loads the engine, warms each 
 shapes, then serves the benchmark on stdin, one line per request: a workload name runs that
 workload once and answers its time; ``single N`` times N sequential one-request calls
 (``SINGLE_TOKENS`` tokens each) and answers their latencies; ``rss`` answers the process's
-memory. Answers are JSON lines prefixed with ``BENCH`` (vLLM logs to stdout too). Kept resident so that its repetitions can be
-interleaved with the fleet's: on a shared, noisy machine both then meet the same noise.
+memory. Answers are JSON lines prefixed with ``BENCH`` (vLLM logs to stdout too). Kept resident
+so that its repetitions can be interleaved with the fleet's: on a shared, noisy machine both
+then meet the same noise.
 """
 
 from __future__ import annotations
