@@ -77,19 +77,21 @@ class ResultBackend(RedisBackend):
         commands of its own to the pipeline, after the writes (the same Redis, e.g. the acks
         of those tasks' messages)."""
         writes = []
+        done = self.app.now().isoformat()  # the batch finished together
         for task_id, result, state, traceback in results:
-            value = self._encoded(task_id, result, state, traceback)
+            value = self._encoded(task_id, result, state, traceback, done)
             if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
                 state, traceback = states.FAILURE, None
                 value = self._encoded(task_id, BackendStoreError(
                     "value too large for Redis backend", state=state, task_id=task_id),
-                    state, traceback)
+                    state, traceback, done)
             expires = self.failure_expires if state == states.FAILURE else self.expires
             writes.append((self.get_key_for_task(task_id), value, int(expires or 0)))
         if writes or then is not None:
             self.ensure(self._store_all, (writes, then))
 
-    def _encoded(self, task_id: str, result: Any, state: str, traceback: str | None) -> Any:
+    def _encoded(self, task_id: str, result: Any, state: str, traceback: str | None,
+                 done: str) -> Any:
         if self._extended is None:
             self._extended = bool(self.app.conf.find_value_for_key("extended", "result"))
         if self._extended:  # Celery's own meta, with the request's fields (none here)
@@ -98,7 +100,7 @@ class ResultBackend(RedisBackend):
         else:  # what _get_result_meta returns without a request, without its lookups
             meta = {"status": state, "result": self.encode_result(result, state),
                     "traceback": traceback, "children": [],
-                    "date_done": self.app.now().isoformat()}
+                    "date_done": done}
         meta["task_id"] = task_id
         return self.encode(meta)
 

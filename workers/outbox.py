@@ -30,7 +30,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from celery import states
@@ -57,7 +56,7 @@ class Outbox(threading.Thread):
         self._stopping = False
         #: Sends a task event (``EventDispatcher.send``); None: events are off.
         self.send_event: Callable[..., Any] | None = None
-        #: Runs a callable on the event loop's thread (the hub's ``call_soon``).
+        #: Runs a callable on the event loop's thread, waking it (the hub's ``call_soon``).
         self.call_soon: Callable[[Callable[[], None]], Any] | None = None
 
     # --- any thread ---------------------------------------------------------------------------
@@ -146,8 +145,7 @@ class Outbox(threading.Thread):
                                acked: list[Job], requeued: list[Job]) -> None:
         """Store the results, then drop the acked messages' unacked records, in one round trip
         where the broker and the backend are the same Redis; put the requeued messages back in
-        front of their queues. Redis first, from here; this process's bookkeeping of the
-        messages then runs on the event loop's thread, which owns it."""
+        front of their queues; then free their room in this process (``Channel.acked``)."""
         by_channel: dict[Any, list[Any]] = {}
         for job in acked + requeued:
             by_channel.setdefault(job.message.channel, []).append(job.message)
@@ -176,12 +174,17 @@ class Outbox(threading.Thread):
             except Exception:  # the visibility sweep brings them back; results are stored
                 log.warning("could not acknowledge %d task(s)", len(messages), exc_info=True)
                 continue
-            if self.call_soon is not None:
-                self.call_soon(partial(channel.acked, messages))
-            else:
-                channel.acked(messages)
+            full = not channel.qos.can_consume()
+            channel.acked(messages)
+            if full and self.call_soon is not None:
+                # The loop waits for messages only while there is room: wake it to wait again.
+                self.call_soon(_nothing)
         for job in acked:
             job.acknowledged = True
+
+
+def _nothing() -> None:
+    """A callback that only wakes the event loop."""
 
 
 def _event(job: Job, state: str, value: Any, tb: str | None) -> tuple[str, dict[str, Any]]:
