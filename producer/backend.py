@@ -14,6 +14,7 @@ a stored value it cannot decode is overwritten, as Celery's check would.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -28,6 +29,7 @@ from redis.exceptions import NoScriptError
 #: The check-and-store script (``producer/lua/store_unless_success.lua``), read once.
 STORE_UNLESS_SUCCESS = (resources.files("producer") / "lua" / "store_unless_success.lua"
                         ).read_text()
+STORE_SHA = hashlib.sha1(STORE_UNLESS_SUCCESS.encode()).hexdigest()
 
 
 class ResultConsumer(RedisResultConsumer):
@@ -53,8 +55,8 @@ class ResultBackend(RedisBackend):
 
     ResultConsumer = ResultConsumer
     _script: Any = None
-    _sha: str | None = None
     _extended: bool | None = None
+    _script_loaded = False
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
@@ -106,25 +108,22 @@ class ResultBackend(RedisBackend):
 
     def _store_all(self, writes: list[tuple[Any, Any, int]],
                    then: Callable[[Any], None] | None) -> None:
-        sha = self._script_sha()
+        if not self._script_loaded:  # so that the acks in ``then`` never run without it
+            self.client.script_load(STORE_UNLESS_SUCCESS)
+            self._script_loaded = True
         for attempt in (1, 2):
             with self.client.pipeline(transaction=False) as pipe:
                 for key, value, expires in writes:
-                    pipe.execute_command("EVALSHA", sha, 1, key, value, expires)
+                    pipe.execute_command("EVALSHA", STORE_SHA, 1, key, value, expires)
                 if then is not None:
                     then(pipe)
                 try:
                     pipe.execute()
                     return
-                except NoScriptError:  # Redis restarted without its scripts: load, redo
+                except NoScriptError:  # Redis restarted and lost its scripts: load, redo
                     if attempt == 2:
                         raise
-                    sha = self._script_sha(reload=True)
-
-    def _script_sha(self, reload: bool = False) -> str:
-        if self._sha is None or reload:
-            self._sha = self.client.script_load(STORE_UNLESS_SUCCESS)
-        return self._sha
+                    self.client.script_load(STORE_UNLESS_SUCCESS)
 
     def _store_unless_success(self, key: Any, value: Any, expires: Any) -> None:
         if self._script is None:

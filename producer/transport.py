@@ -26,6 +26,7 @@ work unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -80,6 +81,7 @@ def _check_envelope(payload: Any) -> None:
 TAKE_MAX = 128
 #: The take script (``producer/lua/take.lua``), read once.
 TAKE_SCRIPT = (resources.files("producer") / "lua" / "take.lua").read_text()
+TAKE_SHA = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()  # what Redis names it by
 
 
 class QoS(kombu_redis.QoS):
@@ -111,7 +113,6 @@ class Channel(kombu_redis.Channel):
     Message = Message
     QoS = QoS
     _shared: tuple[Any, Any] | None = None  # (connection pool, client on it)
-    _take_sha: str | None = None  # the take script, once loaded
     _last_take = 0.0  # monotonic time of the last take that found messages
     _stream = False  # the last take found more than one message
     _take_due: Any = None  # the timer of a take scheduled after TAKE_WINDOW_S
@@ -284,13 +285,11 @@ class Channel(kombu_redis.Channel):
 
     def _take_script_call(self, client: Any, keys: list[str], count: int) -> Any:
         args = [len(keys), *keys, count, time.time()]
-        if self._take_sha is not None:
-            try:
-                return client.execute_command("EVALSHA", self._take_sha, *args)
-            except redis.exceptions.NoScriptError:  # Redis restarted without its scripts
-                pass
-        self._take_sha = client.script_load(TAKE_SCRIPT)
-        return client.execute_command("EVALSHA", self._take_sha, *args)
+        try:
+            return client.execute_command("EVALSHA", TAKE_SHA, *args)
+        except redis.exceptions.NoScriptError:  # a first take, or Redis lost its scripts
+            client.script_load(TAKE_SCRIPT)
+            return client.execute_command("EVALSHA", TAKE_SHA, *args)
 
     def _queue_of(self, key: str) -> str:
         """The queue a list key belongs to (kombu adds a priority suffix after ``sep``)."""

@@ -42,8 +42,9 @@ FakeEngine.submit = _slow_submit  # type: ignore[method-assign]
 _store_many = ResultBackend.store_many
 
 
-def _logged_store_many(self: ResultBackend, results: list[tuple[str, Any, str, Any]]) -> None:
-    _store_many(self, results)
+def _logged_store_many(self: ResultBackend, results: list[tuple[str, Any, str, Any]],
+                       then: Any = None) -> None:
+    _store_many(self, results, then)
     runs = [f"{task_id} {result['engine_id']}" for task_id, result, state, _ in results
             if state == "SUCCESS" and isinstance(result, dict) and "engine_id" in result]
     if runs:

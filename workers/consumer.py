@@ -1,14 +1,14 @@
 """Celery's worker consumer, sending task events a few milliseconds late and together.
 
 Celery buffers task events (received, started, succeeded...) and asks the event loop to flush
-the buffer at once each time one is added. With the threads pool that wakes the consumer's
-thread from the pool thread for every event, and the flush (JSON, one Redis PUBLISH) runs
-while the pool thread is still serving the task: on a 2-core machine they contend for the
-GIL and the cores on every task's path, about 0.3 ms of a task's latency at low load. Here
-the first buffered event schedules one flush ``EVENT_FLUSH_DELAY_S`` later and the events
-added meanwhile ride along: a short task's events leave in one message after its result is
-written. Flower shows them that much later; Celery still flushes at once when the buffer
-holds ``buffer_limit`` (24) events, and at shutdown.
+the buffer at once each time one is added: from another thread (the outbox, a pool thread)
+that wakes the consumer's thread for every event, and the flush (JSON, one Redis PUBLISH)
+runs while the task's result is still being written; on a 2-core machine they contend for
+the GIL and the cores on every task's path. Here the first buffered event schedules one
+flush ``EVENT_FLUSH_DELAY_S`` later and the events added meanwhile ride along: a batch's
+events leave in one message after its results are written. Flower shows them that much
+later; Celery still flushes at once when the buffer holds ``buffer_limit`` events (raised to
+``workers.batcher.EVENT_BUFFER_LIMIT``), and at shutdown.
 
 Messages Celery cannot run as a task end in ``fleet.dead.malformed`` (and in an error result
 when they name a task id) rather than only in the log (:mod:`workers.refusals`), and the worker

@@ -91,8 +91,9 @@ class Outbox(threading.Thread):
             if batch:
                 try:
                     self.finish(batch)
-                except Exception:  # never lose the thread: the messages come back redelivered
+                except Exception:  # never lose the thread
                     log.exception("could not finish %d task(s)", len(batch))
+                    self._let_go([job for job, _ in batch])
             elif self._stopping:
                 return
 
@@ -117,6 +118,17 @@ class Outbox(threading.Thread):
             self.event(job, kind, **fields)
         for job in acked + requeued:
             worker_state.task_ready(job)
+
+    def _let_go(self, jobs: list[Job]) -> None:
+        """Stop holding jobs that could not be finished: the lease no longer renews them and
+        their room is free, so their messages, still recorded as unacknowledged in Redis,
+        come back after the visibility timeout, for this worker or another."""
+        for job in jobs:
+            worker_state.task_ready(job)
+            try:
+                job.message.channel.acked([job.message])
+            except Exception:
+                log.debug("could not free the room of %s", job.id, exc_info=True)
 
     def _outcome(self, job: Job, outcome: BaseException | None
                  ) -> tuple[str | None, Any, str | None]:
