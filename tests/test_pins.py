@@ -1,8 +1,9 @@
 """The private names of Celery and kombu that the fleet overrides or calls are still there.
 
 The fleet's transport (producer/transport.py), result backend (producer/backend.py), worker
-consumer (workers/consumer.py) and lease (workers/lease.py) lean on names that are not part
-of Celery's or kombu's public API. The versions they were written against are pinned in
+consumer (workers/consumer.py), micro-batch path (workers/batcher.py, workers/outbox.py, which
+keep Celery's worker state and kombu's QoS as Celery's own request would) and lease
+(workers/lease.py) lean on names that are not part of Celery's or kombu's public API. The versions they were written against are pinned in
 pyproject.toml; this test fails, naming the name, when an upgrade moves one.
 """
 
@@ -17,6 +18,7 @@ from celery.backends.redis import RedisBackend, ResultConsumer
 from celery.worker import state
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from packaging.specifiers import SpecifierSet
 
 from producer import naming
@@ -44,6 +46,16 @@ PRIVATE = [
     (Consumer, "on_unknown_task", ["self", "body", "message", "exc"]),
     (Consumer, "on_invalid_task", ["self", "body", "message", "exc"]),
     (Consumer, "on_decode_error", ["self", "message", "exc"]),
+    (kombu_redis.QoS, "restore_by_tag", ["self", "tag", "client", "leftmost"]),
+    (kombu_redis.Transport, "register_with_event_loop", ["self", "connection", "loop"]),
+    (virtual.QoS, "ack", ["self", "delivery_tag"]),
+    (virtual.QoS, "can_consume", ["self"]),
+    (Consumer, "call_soon", None),
+    (state, "task_reserved", ["request"]),
+    (state, "task_accepted", ["request"]),
+    (state, "task_ready", ["request"]),
+    (RedisBackend, "encode_result", ["self", "result", "state"]),
+    (RedisBackend, "_MAX_STR_VALUE_SIZE", None),
     (RedisBackend, "_store_result", None),
     (RedisBackend, "_get_result_meta", None),
     (RedisBackend, "ensure", None),

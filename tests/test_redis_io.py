@@ -272,6 +272,49 @@ def test_a_message_that_arrives_while_waiting_is_popped_and_recorded_together(
         redis_client.delete(queue)
 
 
+class RecordingLoop:
+    """Stands in for the worker's event loop: records the takes the channel schedules."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any]] = []
+
+    def call_later(self, delay: float, callback: Any) -> object:
+        self.later.append((delay, callback))
+        return object()
+
+
+def test_a_stream_is_taken_in_windows_and_a_lone_message_at_once(
+    app: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the last take found several messages less than TAKE_WINDOW_S ago, the next take
+    waits that long (one take then serves many); a message that finds the channel idle is
+    taken at once."""
+    monkeypatch.setattr(transport, "TAKE_WINDOW_S", 30.0)  # wide: this test's own pace is slow
+    queue = _queue_with(redis_client, app, [{"n": i} for i in range(3)])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 50, lambda body, message: got.append(message))
+    channel = consumer.channel
+    loop = conn.transport.loop = RecordingLoop()
+    try:
+        conn.drain_events(timeout=2)  # idle before: taken at once, all three
+        assert [m.payload["n"] for m in got] == [0, 1, 2] and loop.later == []
+        _publish(app, queue, [{"n": 3}, {"n": 4}])
+        with pytest.raises(TimeoutError):  # woken, but the take is scheduled instead
+            conn.drain_events(timeout=1)
+        assert len(got) == 3 and [d for d, _ in loop.later] == [transport.TAKE_WINDOW_S]
+        assert channel._brpop_start() is None and channel._in_poll is None  # no second wait
+        _publish(app, queue, [{"n": 5}])  # arrives within the window: rides along
+        loop.later.pop()[1]()
+        assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
+        channel._last_take -= 60  # the stream stopped a while ago: a lone message
+        _publish(app, queue, [{"n": 6}])
+        conn.drain_events(timeout=2)
+        assert [m.payload["n"] for m in got][-1] == 6 and loop.later == []
+    finally:
+        conn.release()
+        redis_client.delete(queue)
+
+
 def test_a_message_on_a_queue_not_waited_on_is_taken_when_the_wait_times_out(
     app: Any, redis_client: Any
 ) -> None:
