@@ -3,8 +3,9 @@
 The fleet's transport (producer/transport.py), result backend (producer/backend.py), worker
 consumer (workers/consumer.py), micro-batch path (workers/batcher.py, workers/outbox.py, which
 keep Celery's worker state and kombu's QoS as Celery's own request would) and lease
-(workers/lease.py) lean on names that are not part of Celery's or kombu's public API. The versions they were written against are pinned in
-pyproject.toml; this test fails, naming the name, when an upgrade moves one.
+(workers/lease.py) lean on names that are not part of Celery's or kombu's public API. The
+versions they were written against are pinned in pyproject.toml; this test fails, naming the
+name, when an upgrade moves one.
 """
 
 from __future__ import annotations

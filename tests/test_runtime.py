@@ -42,8 +42,8 @@ def test_worker_side_checks_fail_only_the_task() -> None:
         runtime.handle(GenerateRequest, "t3", {"prompt": "x", "model": "other"})
     assert_names_field(other.value, "model")
     chat = {"messages": [{"role": "user", "content": "hi there"}], "model": "m"}
-    # The fake engine echoes the words; 16 tokens when max_tokens is not set.
-    assert runtime.handle(ChatRequest, "t4", chat)["text"] == " ".join(["hi", "there"] * 8)
+    # The fake engine echoes the words; vLLM's default of 16 tokens, held to the cap of 8.
+    assert runtime.handle(ChatRequest, "t4", chat)["text"] == " ".join(["hi", "there"] * 4)
     assert runtime.describe()["state"] == "ready"
 
 
@@ -226,3 +226,12 @@ def test_revoke_watcher_leaves_alone_a_task_that_left_during_its_look() -> None:
         leaving.__enter__()
         assert cycle_after.wait(5)
     assert aborted == []
+
+
+def test_a_request_without_max_tokens_is_held_to_the_cap() -> None:
+    # The fake engine echoes the prompt until max_tokens: vLLM's default of 16 would give 16.
+    runtime = _runtime(max_tokens_cap=4)
+    out = runtime.handle(GenerateRequest, "t1", {"prompt": "a b", "model": "m"})
+    assert out["completion_tokens"] == 4
+    assert _runtime().handle(GenerateRequest, "t2", {"prompt": "a b", "model": "m"}
+                             )["completion_tokens"] == 16

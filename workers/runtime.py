@@ -22,6 +22,7 @@ from celery.exceptions import Ignore, Reject
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
 from producer.schema import (
+    DEFAULT_MAX_TOKENS,
     SAMPLING_FIELDS,
     ChatRequest,
     GenerateRequest,
@@ -305,7 +306,9 @@ class Runtime:
         given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
         sampling = {**defaults, **given}
         cap = self.config.max_tokens_cap
-        if sampling.get("max_tokens", 0) > cap:
+        # vLLM's own default when nobody set one, held to the cap like any other value.
+        sampling.setdefault("max_tokens", min(DEFAULT_MAX_TOKENS, cap))
+        if sampling["max_tokens"] > cap:
             raise InvalidRequest(
                 f"max_tokens: {sampling['max_tokens']} is above model {self.model_id!r}'s "
                 f"cap of {cap} (max_tokens_cap)"
