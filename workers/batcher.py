@@ -130,7 +130,7 @@ class Batcher:
             worker_state.task_accepted(job)
             self.outbox.event(job, "task-started")
             try:
-                work = self.runtime.prepare(job.task, job.id, job.task.named(job.args,
+                work = self.runtime.planner.prepare(job.task, job.id, job.task.named(job.args,
                                                                               job.kwargs))
             except FleetError as e:
                 self.outbox.put(job, e)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from workers.engines import EngineOutput
 
 if TYPE_CHECKING:
-    from workers.runtime import Work
+    from workers.work import Work
 
 
 class Job:

@@ -40,7 +40,8 @@ from producer.errors import EngineFailed, FleetError
 from producer.tasks import short_repr
 from workers.delivery import AlreadyDone, Deliveries
 from workers.job import Job
-from workers.runtime import Revoked, Runtime, check_revoked
+from workers.runtime import Runtime
+from workers.work import Revoked, check_revoked
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The engine a worker process holds, and how a task's request reaches it.
+"""The engine a worker process holds: its life (load, idle unload, reload, failure), its
+state and health, and Celery's ordinary path to it for lifecycle tasks.
 
 One runtime per worker process, built by the worker's engine bootstep (``workers/bootstep.py``),
 which hands it to the micro-batch path (``workers/batcher.py``), to the fleet tasks' bodies
@@ -11,34 +12,28 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import wait
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from celery.exceptions import Ignore, Reject
 
-from producer.errors import EngineFailed, FleetError, InvalidRequest, NoEngine, UnknownModel
+from producer.errors import EngineFailed, NoEngine, UnknownModel
 from producer.schema import (
-    DEFAULT_MAX_TOKENS,
-    SAMPLING_FIELDS,
     ChatRequest,
     GenerateRequest,
-    ManyRequest,
-    Sampling,
     StatusRequest,
     WarmupRequest,
     parse,
 )
 from producer.settings import ModelConfig
-from producer.tasks import EngineStatusTask, ManyTask, WarmupTask
-from workers import replies
+from producer.tasks import EngineStatusTask, WarmupTask
 from workers.delivery import Deliveries
-from workers.engines import Engine, EngineOutput, EngineRequest, build_engine
-from workers.replies import Reply
-from workers.revoke import RevokeWatcher, is_revoked
+from workers.engines import Engine, EngineRequest, build_engine
+from workers.revoke import RevokeWatcher
+from workers.work import Planner, Revoked, Work, check_revoked
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +50,6 @@ class EngineState(StrEnum):
     IDLE_UNLOADED = "idle-unloaded"  # released after idle_unload_s; the next task reloads it
     FAILED = "failed"
     STOPPED = "stopped"
-
-
-class Revoked(Exception):
-    """The task was revoked while its requests were in the engine; they were aborted."""
-
-
-@dataclass(frozen=True, slots=True)
-class Work:
-    """A serving task's requests for the engine, and how its result is read from their
-    outputs once all are done (``answer`` raises the task's error, if it has one)."""
-
-    requests: list[EngineRequest]
-    answer: Callable[[Sequence[Future[EngineOutput]]], Any]
-
-
-def check_revoked(task_id: str, futures: Sequence[Future[EngineOutput]]) -> None:
-    """Raise Revoked if the task's requests were aborted because it was revoked."""
-    aborted = any(f.exception() is None and f.result().finish_reason == "abort"
-                  for f in futures)
-    if aborted and is_revoked(task_id):
-        raise Revoked(f"task {task_id} was revoked; its requests were aborted")
 
 
 class Runtime:
@@ -95,6 +69,8 @@ class Runtime:
         self.loads = 0
         self.last_active = time.monotonic()
         self._tp = config.tensor_parallel_size or len(gpus) or 1
+        #: Turns serving tasks into engine requests and engine outputs into results.
+        self.planner = Planner(model_id, engine_id, config)
         #: Called once, on the engine thread, when the engine died or failed to reload: the
         #: worker stops consuming and exits non-zero so its supervisor restarts it.
         self.on_failure = on_failure
@@ -214,62 +190,15 @@ class Runtime:
                  idle_s)
         return True
 
-    def prepare(self, task: Any, task_id: str, kwargs: dict[str, Any]) -> Work:
-        """A serving task's requests for the engine; raises FleetError if the task is invalid."""
-        if isinstance(task, ManyTask):
-            return self._prepare_many(task.item_schema, task_id, kwargs)
-        return self._prepare_one(task.schema, task_id, kwargs)
-
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                kwargs: dict[str, Any]) -> dict[str, Any]:
         """Serve one task: validate, apply the model's defaults, generate, build the result."""
-        return self._run(task_id, self._prepare_one(schema, task_id, kwargs))
+        return self._run(task_id, self.planner.prepare_one(schema, task_id, kwargs))
 
     def handle_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         """Serve a many-request: every valid item joins the engine at once; each fails alone."""
-        return self._run(task_id, self._prepare_many(schema, task_id, kwargs))
-
-    def _prepare_one(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
-                     kwargs: dict[str, Any]) -> Work:
-        request, reply = self._engine_request(parse(schema, kwargs), task_id)
-
-        def answer(futures: Sequence[Future[EngineOutput]]) -> dict[str, Any]:
-            return self._completion(futures[0].result(), request.request_id, reply)
-
-        return Work([request], answer)
-
-    def _prepare_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
-                      kwargs: dict[str, Any]) -> Work:
-        envelope = parse(ManyRequest, kwargs)
-        outcomes: list[FleetError | None] = []
-        valid: list[EngineRequest] = []
-        reading: list[Reply | None] = []
-        for i, item in enumerate(envelope.requests):
-            try:
-                request = parse(schema, {**item, "model": envelope.model})
-                sent, reply = self._engine_request(request, f"{task_id}:{i}")
-                valid.append(sent)
-                reading.append(reply)
-                outcomes.append(None)
-            except FleetError as e:
-                outcomes.append(e)
-
-        def answer(futures: Sequence[Future[EngineOutput]]) -> list[dict[str, Any]]:
-            done = iter(zip(valid, reading, futures, strict=True))
-            results = []
-            for outcome in outcomes:
-                result: dict[str, Any] | FleetError | None = outcome
-                if result is None:
-                    try:
-                        sent, reply, future = next(done)
-                        result = self._completion(future.result(), sent.request_id, reply)
-                    except FleetError as e:
-                        result = e
-                results.append(item_result(result))
-            return results
-
-        return Work(valid, answer)
+        return self._run(task_id, self.planner.prepare_many(schema, task_id, kwargs))
 
     def _run(self, task_id: str, work: Work) -> Any:
         with self._serving() as engine:
@@ -278,42 +207,6 @@ class Runtime:
                 wait(futures)
             check_revoked(task_id, futures)
             return work.answer(futures)
-
-    def _engine_request(self, request: GenerateRequest | ChatRequest,
-                        request_id: str) -> tuple[EngineRequest, Reply | None]:
-        if request.model != self.model_id:
-            raise UnknownModel(
-                f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
-            )
-        # Tools and JSON output add to what the engine sees: workers/replies.py.
-        return replies.engine_request(request, request_id, self._sampling(request), self.config)
-
-    def _completion(self, out: EngineOutput, request_id: str,
-                    reply: Reply | None) -> dict[str, Any]:
-        completion = {
-            "text": out.text,
-            "finish_reason": out.finish_reason,
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "model": self.model_id,
-            "engine_id": self.engine_id,
-        }
-        return replies.finish(completion, out, request_id, reply, self.config)  # tools, JSON
-
-    def _sampling(self, request: Sampling) -> dict[str, Any]:
-        defaults = self.config.defaults.model_dump(exclude_none=True)
-        given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
-        sampling = {**defaults, **given}
-        cap = self.config.max_tokens_cap
-        # vLLM's own default when nobody set one, held to the cap like any other value.
-        sampling.setdefault("max_tokens", min(DEFAULT_MAX_TOKENS, cap))
-        if sampling["max_tokens"] > cap:
-            raise InvalidRequest(
-                f"max_tokens: {sampling['max_tokens']} is above model {self.model_id!r}'s "
-                f"cap of {cap} (max_tokens_cap)"
-            )
-        return sampling
 
     def execute(self, task: Any, kwargs: dict[str, Any]) -> Any:
         """The body of a fleet task that takes Celery's ordinary path in this worker (lifecycle
@@ -331,7 +224,8 @@ class Runtime:
                 return self.warmup(parse(WarmupRequest, kwargs).model)
             if isinstance(task, EngineStatusTask):
                 return self.status(parse(StatusRequest, kwargs).engine_id)
-            return self._run(task.request.id, self.prepare(task, task.request.id, kwargs))
+            return self._run(task.request.id,
+                             self.planner.prepare(task, task.request.id, kwargs))
         except Revoked as e:
             task.backend.mark_as_revoked(task.request.id, reason=str(e), request=task.request)
             raise Ignore() from e
@@ -384,10 +278,3 @@ class Runtime:
     def close(self) -> None:
         self.state = EngineState.STOPPED
         self.engine.close()
-
-
-def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
-    """One entry of a many-request's result (the shape of ``producer.schema.ItemResult``)."""
-    if isinstance(outcome, FleetError):
-        return {"error": {"type": type(outcome).__name__, "message": str(outcome)}}
-    return {"ok": outcome}
