@@ -93,3 +93,8 @@ def test_attributes_set_at_run_time_that_the_fleet_reads(app: Any) -> None:
         assert channel.unacked_key == naming.UNACKED_KEY
         assert channel.unacked_index_key == naming.UNACKED_INDEX_KEY
     assert isinstance(state.requests, dict) and isinstance(state.revoked, object)
+    # workers/outbox.py buffers task events as EventDispatcher.send does.
+    dispatcher = app.events.Dispatcher(enabled=False, buffer_group=["task"])
+    for attribute in ("_group_buffer", "buffer_limit", "on_send_buffered", "groups", "clock",
+                      "pid", "hostname", "enabled", "flush"):
+        assert hasattr(dispatcher, attribute), f"celery EventDispatcher.{attribute} is gone"

@@ -63,6 +63,7 @@ class Batcher:
         self.deliveries = deliveries
         self.hostname = hostname
         self._taken: list[Job] = []
+        self._received: list[tuple[Job, str, dict[str, Any]]] = []  # their events
         self._call_soon: Callable[[Callable[[], None]], Any] | None = None
         self._loading = threading.Lock()  # one hand-over at a time waits for a (re)load
 
@@ -72,7 +73,7 @@ class Batcher:
         self._call_soon = hub.call_soon if hub is not None else None
         self.outbox.call_soon = self._call_soon
         dispatcher = consumer.event_dispatcher
-        self.outbox.send_event = dispatcher.send if dispatcher and dispatcher.enabled else None
+        self.outbox.dispatcher = dispatcher if dispatcher and dispatcher.enabled else None
         if dispatcher is not None:
             # Events leave in one message per flush (workers/consumer.py, 5 ms after the first),
             # not every 24 events.
@@ -94,15 +95,17 @@ class Batcher:
             job = Job(message, task, args, call, hostname)
             worker_state.task_reserved(job)
             # The reprs the producer wrote, as Celery's own strategy sends them.
-            outbox.event(job, "task-received", name=job.name, args=headers.get("argsrepr"),
-                         kwargs=headers.get("kwargsrepr"), retries=headers.get("retries", 0),
-                         eta=None,
-                         expires=headers.get("expires"), root_id=headers.get("root_id"),
-                         parent_id=headers.get("parent_id"))
+            received = (job, "task-received", {
+                "name": job.name, "args": headers.get("argsrepr"),
+                "kwargs": headers.get("kwargsrepr"), "retries": headers.get("retries", 0),
+                "eta": None, "expires": headers.get("expires"),
+                "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id")})
             if job.id in revoked or (headers.get("expires") and _expired(headers["expires"])):
                 log.info("Discarding revoked task: %s[%s]", job.name, job.id)  # Celery's words
+                outbox.events([received])
                 return outbox.put(job, TaskRevokedError(
                     "revoked" if job.id in revoked else "expired"))
+            self._received.append(received)
             self._taken.append(job)
             if len(self._taken) == 1:
                 if self._call_soon is None:
@@ -121,14 +124,16 @@ class Batcher:
     def hand_over(self) -> None:
         """Admit what was taken in this turn of the loop and give it to the engine at once."""
         jobs, self._taken = self._taken, []
+        events, self._received = self._received, []
         if not jobs:
             return
         jobs = self._admit(jobs)
+        events += [(job, "task-started", {}) for job in jobs]
+        self.outbox.events(events)
         runnable = []
         for job in jobs:
             job.start()
             worker_state.task_accepted(job)
-            self.outbox.event(job, "task-started")
             try:
                 work = self.runtime.planner.prepare(job.task, job.id, job.task.named(job.args,
                                                                               job.kwargs))

@@ -34,6 +34,7 @@ from typing import Any
 
 from celery import states
 from celery.exceptions import TaskRevokedError
+from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 
 from producer.errors import EngineFailed, FleetError
@@ -55,8 +56,8 @@ class Outbox(threading.Thread):
         self._done: deque[tuple[Job, BaseException | None]] = deque()
         self._wake = threading.Event()
         self._stopping = False
-        #: Sends a task event (``EventDispatcher.send``); None: events are off.
-        self.send_event: Callable[..., Any] | None = None
+        #: Celery's task event dispatcher while events are on (``-E``), else None.
+        self.dispatcher: Any = None
         #: Runs a callable on the event loop's thread, waking it (the hub's ``call_soon``).
         self.call_soon: Callable[[Callable[[], None]], Any] | None = None
 
@@ -68,10 +69,25 @@ class Outbox(threading.Thread):
         self._done.append((job, outcome))
         self._wake.set()
 
-    def event(self, job: Job, kind: str, **fields: Any) -> None:
-        """Buffer one task event (Celery's fields for ``kind``), if events are on."""
-        if self.send_event is not None and job.task.send_events:
-            self.send_event(kind, uuid=job.id, **fields)
+    def events(self, events: list[tuple[Job, str, dict[str, Any]]]) -> None:
+        """Buffer task events ``(job, type, fields)`` as ``EventDispatcher.send`` would, one
+        after the other (each forwards the clock), and ask for one flush for all of them."""
+        dispatcher = self.dispatcher
+        if (not events or dispatcher is None or not dispatcher.enabled
+                or (dispatcher.groups and "task" not in dispatcher.groups)):
+            return
+        common = {"hostname": dispatcher.hostname, "utcoffset": utcoffset(),
+                  "pid": dispatcher.pid, "timestamp": time.time()}
+        forward = dispatcher.clock.forward
+        buffer = dispatcher._group_buffer["task"]
+        for job, kind, fields in events:
+            if job.task.send_events:
+                buffer.append({**common, **fields, "uuid": job.id, "clock": forward(),
+                               "type": kind})
+        if len(buffer) >= dispatcher.buffer_limit:
+            dispatcher.flush()
+        elif dispatcher.on_send_buffered:
+            dispatcher.on_send_buffered()
 
     def stop(self) -> None:
         """Write out what is finished, then end the thread."""
@@ -115,8 +131,7 @@ class Outbox(threading.Thread):
             stored.append((job.id, value, state, tb))
             events.append((job, *_event(job, state, value, tb)))
         self._store_and_acknowledge(stored, acked, requeued)
-        for job, kind, fields in events:
-            self.event(job, kind, **fields)
+        self.events(events)
         for job in acked + requeued:
             worker_state.task_ready(job)
 

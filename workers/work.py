@@ -60,6 +60,9 @@ def item_result(outcome: dict[str, Any] | FleetError) -> dict[str, Any]:
     return {"ok": outcome}
 
 
+_SAMPLING = set(SAMPLING_FIELDS)  # pydantic's include takes a set
+
+
 class Planner:
     """Plans the engine requests of one model's serving tasks and reads back their results."""
 
@@ -67,6 +70,7 @@ class Planner:
         self.model_id = model_id
         self.engine_id = engine_id
         self.config = config
+        self._defaults = config.defaults.model_dump(exclude_none=True)  # the model's knobs
 
     def prepare(self, task: Any, task_id: str, kwargs: dict[str, Any]) -> Work:
         """A serving task's requests for the engine; raises FleetError if the task is invalid."""
@@ -138,9 +142,8 @@ class Planner:
         return replies.finish(completion, out, request_id, reply, self.config)  # tools, JSON
 
     def _sampling(self, request: Sampling) -> dict[str, Any]:
-        defaults = self.config.defaults.model_dump(exclude_none=True)
-        given = request.model_dump(include=set(SAMPLING_FIELDS), exclude_none=True)
-        sampling = {**defaults, **given}
+        given = request.model_dump(include=_SAMPLING, exclude_none=True)
+        sampling = {**self._defaults, **given}
         cap = self.config.max_tokens_cap
         # vLLM's own default when nobody set one, held to the cap like any other value.
         sampling.setdefault("max_tokens", min(DEFAULT_MAX_TOKENS, cap))

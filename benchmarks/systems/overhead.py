@@ -35,7 +35,7 @@ def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int 
         wait_for_engine("fake", timeout=120)
         echo.delay(0).get(timeout=60)
         big = Workload("fake", prompts(n_batch), [1] * n_batch)
-        small = Workload("fake", big.prompts[:n_delay], [1] * n_delay)
+        small = Workload("fake", prompts(n_delay), [1] * n_delay)
         out["batch_helper_s"] = [fleet_system.through_batch_helper(big, "fake", 256)
                                  for _ in range(reps)]
         for _ in range(reps):
