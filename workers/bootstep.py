@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from celery import bootsteps, signals
+from celery.exceptions import ImproperlyConfigured
 
 from producer import naming
 from producer.engines import queue_depths
@@ -35,6 +36,16 @@ from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+
+def refuse_forking_pool(pool_cls: Any) -> None:
+    """The engine lives in the worker's own process; a prefork pool (Celery's default) would
+    run task bodies in forked children that hold no engine."""
+    if getattr(pool_cls, "__module__", "") == "celery.concurrency.prefork":
+        raise ImproperlyConfigured(
+            "a fleet worker holds its engine in the worker process, and Celery's prefork pool "
+            "runs tasks in forked children without it: start it with `fleet worker`, or pass "
+            "`-P threads` to `celery -A workers.app worker`")
 
 
 class EngineStep(bootsteps.StartStopStep):
@@ -63,6 +74,7 @@ class EngineStep(bootsteps.StartStopStep):
         """Build the runtime and its collaborators, and give them to the worker: the consumer
         (micro-batches), the fleet tasks' bodies and the remote-control commands."""
         assert self.model is not None
+        refuse_forking_pool(worker.pool_cls)
         gpu_ids = parse_gpus(self.gpus)
         pin_gpus(gpu_ids)  # before the engine (and so torch) is even imported
         request_amx()
