@@ -52,6 +52,8 @@ PRIVATE = [
     (virtual.QoS, "ack", ["self", "delivery_tag"]),
     (virtual.QoS, "can_consume", ["self"]),
     (Consumer, "call_soon", None),
+    (Consumer, "add_task_queue", ["self", "queue"]),
+    (Consumer, "cancel_task_queue", ["self", "queue"]),
     (state, "task_reserved", ["request"]),
     (state, "task_accepted", ["request"]),
     (state, "task_ready", ["request"]),

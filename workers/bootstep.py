@@ -1,12 +1,13 @@
 """The worker bootstep that loads the engine and subscribes to the model queue once warm.
 
 The worker starts consuming only its engine's own queue. A loader thread builds the engine and
-answers a warmup request; only then does the worker add ``fleet.model.<model>`` (through Celery's
-own ``add_consumer`` control command, which runs on the consumer's thread), so no task ever
-waits on a loading engine. At a warm shutdown the step waits, once the consumer has stopped
-taking tasks, until every task taken has its result stored and its message acknowledged; the
-engine is closed on ``worker_shutdown``, which Celery sends after that (and after its pool has
-finished the lifecycle tasks it runs).
+answers a warmup request; only then does the worker add ``fleet.model.<model>`` (what Celery's
+``add_consumer`` control command does, handed straight to the consumer's thread rather than
+broadcast: a broadcast sent while the worker's control channel is still subscribing is lost),
+so no task ever waits on a loading engine. At a warm shutdown the step waits, once the
+consumer has stopped taking tasks, until every task taken has its result stored and its
+message acknowledged; the engine is closed on ``worker_shutdown``, which Celery sends after
+that (and after its pool has finished the lifecycle tasks it runs).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class EngineStep(bootsteps.StartStopStep):
             config=config,
             gpus=gpu_ids,
             deliveries=deliveries,
-            on_failure=lambda reason: self._stop_failed(worker.app, worker.hostname),
+            on_failure=lambda reason: self._stop_failed(worker),
         )
         self.outbox = Outbox(runtime, deliveries)
         worker.runtime = runtime
@@ -110,7 +111,7 @@ class EngineStep(bootsteps.StartStopStep):
         if self.lease is not None:
             self.lease.start()
         loader = threading.Thread(
-            target=self._load, args=(worker.app, worker.hostname), name="engine-loader",
+            target=self._load, args=(worker,), name="engine-loader",
             daemon=True,
         )
         loader.start()
@@ -132,7 +133,7 @@ class EngineStep(bootsteps.StartStopStep):
         """Merged into ``celery inspect stats``, so Flower's worker page shows the engine."""
         return {"engine": self.runtime.describe()} if self.runtime is not None else {}
 
-    def _stop_failed(self, app: Any, hostname: str) -> None:
+    def _stop_failed(self, worker: Any) -> None:
         """The engine is gone: stop taking tasks, then exit non-zero (warm shutdown).
 
         Tasks in flight end at once with EngineFailed and are requeued for other workers.
@@ -140,25 +141,30 @@ class EngineStep(bootsteps.StartStopStep):
         if self._consumer_ready.is_set() and self.runtime is not None:
             queue = naming.model_queue(self.runtime.model_id)
             try:
-                app.control.cancel_consumer(queue, destination=[hostname], reply=True,
-                                            timeout=5)
+                worker.consumer.call_soon(worker.consumer.cancel_task_queue, queue)
             except Exception:
                 log.exception("could not stop consuming %s", queue)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _load(self, app: Any, hostname: str) -> None:
+    def _load(self, worker: Any) -> None:
         assert self.runtime is not None
         try:
             self.runtime.load()
         except BaseException as e:
-            log.critical("engine %s failed to load; stopping the worker", hostname, exc_info=True)
+            log.critical("engine %s failed to load; stopping the worker", worker.hostname,
+                         exc_info=True)
             self.runtime.fail(f"load failed: {e!r}")
             return
         self._consumer_ready.wait()
         model = self.runtime.model_id
         queue = naming.model_queue(model)
-        app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=30)
-        log.info("%s consuming %s", hostname, queue)
+        consumer = worker.consumer
+
+        def consume() -> None:  # on the consumer's thread, which owns its queues
+            consumer.add_task_queue(queue)
+            log.info("%s consuming %s", worker.hostname, queue)
+
+        consumer.call_soon(consume)
         idle_s = self.runtime.config.idle_unload_s
         if idle_s:
             self.unloader = IdleUnloader(self.runtime, idle_s,
