@@ -54,7 +54,6 @@ class ResultBackend(RedisBackend):
     """Redis result backend whose result write is one atomic round trip."""
 
     ResultConsumer = ResultConsumer
-    _script: Any = None
     _extended: bool | None = None
     _script_loaded = False
 
@@ -68,8 +67,8 @@ class ResultBackend(RedisBackend):
             raise BackendStoreError("value too large for Redis backend", state=state,
                                     task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store_unless_success,
-                    (self.get_key_for_task(task_id), value, expires))
+        self.ensure(self._store_all, ([(self.get_key_for_task(task_id), value,
+                                        int(expires or 0))], None))
         return result
 
     def store_many(self, results: list[tuple[str, Any, str, str | None]],
@@ -124,9 +123,3 @@ class ResultBackend(RedisBackend):
                     if attempt == 2:
                         raise
                     self.client.script_load(STORE_UNLESS_SUCCESS)
-
-    def _store_unless_success(self, key: Any, value: Any, expires: Any) -> None:
-        if self._script is None:
-            # A Script reloads itself after a Redis restart flushed it (NOSCRIPT).
-            self._script = self.client.register_script(STORE_UNLESS_SUCCESS)
-        self._script(keys=[key], args=[value, int(expires or 0)])
