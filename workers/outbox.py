@@ -174,41 +174,45 @@ class Outbox(threading.Thread):
         """Store the results, then drop the acked messages' unacked records, in one round trip
         where the broker and the backend are the same Redis; put the requeued messages back in
         front of their queues; then free their room in this process (``Channel.acked``)."""
-        by_channel: dict[Any, list[Any]] = {}
-        for job in acked + requeued:
-            by_channel.setdefault(job.message.channel, []).append(job.message)
+        acked_by, requeued_by = _by_channel(acked), _by_channel(requeued)
         backend = (acked or requeued)[0].task.backend if (acked or requeued) else None
-        requeued_tags = {job.message.delivery_tag for job in requeued}
-        shared = [c for c in by_channel if backend is not None and c.shares_redis(backend.client)]
+        shared = {c for c in acked_by if backend is not None and c.shares_redis(backend.client)}
 
         def acks(pipe: Any) -> None:
             for channel in shared:
-                channel.forget_unacked([m.delivery_tag for m in by_channel[channel]
-                                        if m.delivery_tag not in requeued_tags], pipe)
+                channel.forget_unacked([m.delivery_tag for m in acked_by[channel]], pipe)
 
         if backend is not None and (stored or shared):
             backend.store_many(stored, then=acks if shared else None)
         for job in requeued:
             if self.deliveries is not None:
                 self.deliveries.release(job.id, job.task.backend)
-        for channel, messages in by_channel.items():
+        for channel in acked_by.keys() | requeued_by.keys():
+            done, back = acked_by.get(channel, []), requeued_by.get(channel, [])
             try:
-                for message in messages:
-                    if message.delivery_tag in requeued_tags:
-                        channel.qos.restore_by_tag(message.delivery_tag, leftmost=True)
+                for message in back:
+                    channel.qos.restore_by_tag(message.delivery_tag, leftmost=True)
                 if channel not in shared:
-                    channel.forget_unacked([m.delivery_tag for m in messages
-                                            if m.delivery_tag not in requeued_tags])
+                    channel.forget_unacked([m.delivery_tag for m in done])
             except Exception:  # the visibility sweep brings them back; results are stored
-                log.warning("could not acknowledge %d task(s)", len(messages), exc_info=True)
+                log.warning("could not acknowledge %d task(s)", len(done) + len(back),
+                            exc_info=True)
                 continue
             full = not channel.qos.can_consume()
-            channel.acked(messages)
+            channel.acked(done + back)
             if full and self.call_soon is not None:
                 # The loop waits for messages only while there is room: wake it to wait again.
                 self.call_soon(_nothing)
         for job in acked:
             job.acknowledged = True
+
+
+def _by_channel(jobs: list[Job]) -> dict[Any, list[Any]]:
+    """The jobs' messages, by the channel they came on."""
+    out: dict[Any, list[Any]] = {}
+    for job in jobs:
+        out.setdefault(job.message.channel, []).append(job.message)
+    return out
 
 
 def _nothing() -> None:
