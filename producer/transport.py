@@ -276,7 +276,7 @@ class Channel(kombu_redis.Channel):
                 self._refuse(MalformedMessage(f"{type(e).__name__}: {e}", raw))
                 if tag:  # its unacked record goes too
                     self.recorded.discard(tag)
-                    self.qos._remove_from_indices(tag).execute()
+                    self.forget_unacked([tag])
         if taken:
             self._queue_cycle.rotate(self._queue_of(keys[int(taken[-3]) + 1]))
             self._last_take = time.monotonic()

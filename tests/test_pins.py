@@ -38,7 +38,6 @@ PRIVATE = [
     (kombu_redis.Channel, "Message", None),
     (kombu_redis.Channel, "QoS", None),
     (kombu_redis.QoS, "append", ["self", "message", "delivery_tag"]),
-    (kombu_redis.QoS, "_remove_from_indices", None),
     (kombu_redis.QoS, "can_consume_max_estimate", None),
     (Consumer, "on_send_event_buffered", ["self"]),
     (Consumer, "_flush_events", ["self"]),
