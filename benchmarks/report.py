@@ -24,7 +24,8 @@ def machine() -> dict[str, Any]:
 
 
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
-    """Requests per second per system and workload, and the ratios the goals are stated in."""
+    """Requests per second per system and workload, and their ratios to the direct engine,
+    the OpenAI server and naive Celery."""
     med = statistics.median
     n = {w.name: len(w.prompts) for w in workloads()}
     rps: dict[str, dict[str, float]] = {}

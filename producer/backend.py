@@ -37,7 +37,7 @@ class ResultConsumer(RedisResultConsumer):
 
     After a lost connection Celery reads the results already stored, then subscribes again:
     a result stored between the two (workers retry their writes the moment Redis is back)
-    was published to nobody and its ``get()`` waited until its timeout. Here the stored
+    is published to nobody, and its ``get()`` waits until its timeout. Here the stored
     results are read once more after the subscription is in place.
     """
 

@@ -14,11 +14,13 @@ Two costs of kombu's transport are cut, both on the path of every task:
   ack and event), about 0.3 ms of Python per message on a 2-core machine; a channel here keeps
   one client.
 - kombu fetches one message per BRPOP, then records it as unacknowledged in a second round trip
-  (``QoS.append``). When a BRPOP finds a backlog (its answer came at once), a worker here takes
-  up to its prefetch room of the waiting messages in one Lua script, which pops them and records
-  them as unacknowledged in the same atomic step (kombu's BRPOP-then-record leaves a window in
-  which a killed worker loses the message; this has none). At low load nothing changes: a BRPOP
-  that waited takes one message, as kombu does.
+  (``QoS.append``), which leaves a window in which a killed worker loses the message. A channel
+  here waits without popping (``BLMOVE`` of the queue onto itself), then takes up to its prefetch
+  room of waiting messages in one Lua script (``producer/lua/take.lua``), which pops them and
+  records them as unacknowledged in the same atomic step: no message is ever popped without
+  being recorded, and one round trip serves a backlog. While messages arrive faster than the
+  worker takes them, the next take waits ``TAKE_WINDOW_S`` so that one take serves many; a lone
+  message is taken at once.
 
 Selected by the fleet's Celery config (``broker_transport``); ``redis://`` and ``rediss://`` URLs
 work unchanged.
@@ -135,8 +137,8 @@ class Channel(kombu_redis.Channel):
         if self._pool is None and getattr(self.connection, "client", None) is None:
             # The transport is closed (kombu cleared its client) and the pool with it: kombu
             # would die on None.hostname rebuilding the pool, an AttributeError nobody expects
-            # while closing (a worker whose Redis restarted exited "Unrecoverable error" when
-            # its channel's close requeued held messages late). A connection error is what
+            # while closing (after a Redis restart, a channel's close requeues held messages
+            # late, and the worker would exit "Unrecoverable error"). A connection error is what
             # the closing code ignores; the held messages come back by the visibility sweep.
             raise redis.exceptions.ConnectionError("the channel's transport is closed")
         pool = self.pool

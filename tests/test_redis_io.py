@@ -388,8 +388,8 @@ def test_a_result_stored_while_the_result_consumer_reconnects_is_not_missed(
 ) -> None:
     """A get() waiting when Redis goes away: Celery's result consumer reconnects by reading
     the stored results and then subscribing; a result stored in between (workers retry their
-    writes the moment Redis is back) was published to nobody, and get() waited out its
-    timeout (seen in the Redis-restart test). Here it arrives."""
+    writes the moment Redis is back) is published to nobody, and get() waits out its
+    timeout. Here it arrives."""
     from celery.result import AsyncResult
 
     task_id = str(uuid.uuid4())

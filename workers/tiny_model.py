@@ -34,7 +34,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Single tokens, as in Qwen2.5; not special, so decoding keeps them in the text for the parser.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
 # Jinja with whitespace trimmed everywhere ({%- -%}); every newline of the output is an explicit
-# '\n'. Without tools it renders plain ChatML, exactly as before tools existed.
+# '\n'. Without tools it renders plain ChatML.
 CHAT_TEMPLATE = """
 {%- if tools -%}
   {#- One system turn holds the caller's system text and the tool signatures. -#}
