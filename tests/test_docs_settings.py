@@ -121,6 +121,14 @@ def test_every_fleet_variable_is_documented_and_exists() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_the_readme_and_docs_name_only_variables_that_exist() -> None:
+    variables = settings_variables()
+    problems = [f"{page.relative_to(ROOT)} mentions {v}, which the project does not read"
+                for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+                for v in sorted(set(FLEET_VAR.findall(page.read_text())) - set(variables))]
+    assert not problems, "\n".join(problems)
+
+
 def test_every_model_field_is_documented_and_exists() -> None:
     documented = table_rows(section(DOC.read_text(), MODEL_SECTION))
     problems = check(documented, model_fields(), "per-model field")
