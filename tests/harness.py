@@ -53,11 +53,12 @@ class Fleet:
         self.workers: list[WorkerProc] = []
 
     def start(self, model: str, engine_id: str, *, gpus: str = "",
-              include: str | None = None) -> WorkerProc:
+              include: str | None = None, env: dict[str, str] | None = None) -> WorkerProc:
         """A `fleet worker`; with ``include``, the same celery command line plus test-only
-        modules (the engine probe, fault injection), pinned as `fleet worker --gpus` pins."""
+        modules (the engine probe, fault injection), pinned as `fleet worker --gpus` pins;
+        ``env`` adds to the session's environment."""
         log_path = self.logdir / f"worker-{engine_id}.log"
-        env = self.env
+        env = {**self.env, **(env or {})}
         argv = [sys.executable, "-m", "producer.cli", "worker", "--model", model,
                 "--engine-id", engine_id, "--host", HOST, "--loglevel", "INFO", "--gpus", gpus]
         if include is not None:

