@@ -9,7 +9,7 @@ EXTRAS ?= worker,cpu,flower,dev,bench
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# On a machine with NVIDIA GPUs (after `make setup EXTRAS=worker,gpu,flower,dev,bench`).
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check
 
 lint: setup
 	$(VENV)/bin/ruff check producer workers tests benchmarks

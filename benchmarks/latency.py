@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from benchmarks import processes
-from benchmarks.run import FAKE_MODELS, _configure_this_process
+from benchmarks.run import FAKE_MODELS, configure_this_process
 from benchmarks.systems.overhead import latencies
 from producer.localredis import LocalRedis
 
@@ -26,7 +26,7 @@ def main() -> None:
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
                                  FLEET_MODELS=FAKE_MODELS)
-        _configure_this_process(env)
+        configure_this_process(env)
         from benchmarks.systems.noop_app import app as noop_app
         from benchmarks.systems.noop_app import echo
         from producer.client import generate, wait_for_engine

@@ -21,10 +21,11 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[b
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def fleet_worker(model: str, engine_id: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def fleet_worker(model: str, engine_id: str, env: dict[str, str],
+                 gpus: str = "") -> subprocess.Popen[bytes]:
     return spawn(f"worker-{engine_id}", [sys.executable, "-m", "producer.cli", "worker",
                                           "--model", model, "--engine-id", engine_id,
-                                          "--loglevel", "WARNING"], env)
+                                          "--gpus", gpus, "--loglevel", "WARNING"], env)
 
 
 def celery_worker(app: str, name: str, env: dict[str, str],

@@ -82,6 +82,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
             out["paired"][f"fleet worker CPU per .delay() task, engine included, {name} ms"] = (
                 1e3 * med(cpu) / n[name])
+        out["cpu"] = _cpu_budget(raw, n)
         if raw["fleet"].get("single_ms"):
             single = raw["fleet"]["single_ms"]
             direct_p50, fleet_p50 = med(single["direct"]), med(single["fleet"])
@@ -96,6 +97,34 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             "worker beyond the engine MB": (raw["fleet"]["rss_bytes"]
                                             - raw["direct"]["rss_bytes"]) / MB,
         }
+    return out
+
+
+def _cpu_budget(raw: dict[str, Any], n: dict[str, int]) -> dict[str, float]:
+    """Where two cores' time goes in a ``.delay()`` run, per request: the producer sending and
+    collecting, Redis, the worker (engine included), beside the direct engine's own CPU.
+
+    The fleet's wall time cannot be below its processes' CPU seconds over the cores, so
+    ``direct wall x cores / fleet CPU`` is the highest ``.delay()`` / direct ratio that the CPU
+    the run used allows, whatever the order in which that work is done.
+    """
+    med = statistics.median
+    fleet, direct = raw["fleet"], raw["direct"]
+    out: dict[str, float] = {}
+    cores = raw.get("machine", {}).get("cpus") or os.cpu_count() or 1
+    for name in fleet.get("delay_producer_cpu_s", {}):
+        per = {who: 1e3 * med(fleet[key][name]) / n[name] for who, key in (
+            ("producer", "delay_producer_cpu_s"), ("worker", "delay_cpu_s"),
+            ("redis", "delay_redis_cpu_s"))}
+        engine = 1e3 * med(direct["cpu_s"][name]) / n[name] if name in direct.get("cpu_s", {}) \
+            else float("nan")
+        total = sum(per.values())
+        out[f"direct engine CPU per request, {name} ms"] = engine
+        for who, ms in per.items():
+            out[f".delay() {who} CPU per request, {name} ms"] = ms
+        out[f".delay() CPU beyond the direct engine's, {name} ms"] = total - engine
+        out[f".delay() / direct ceiling from the CPU used, {name}"] = (
+            med(direct["times"][name]) * cores / (total * n[name] / 1e3))
     return out
 
 
@@ -123,7 +152,7 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("paired", "latency", "overhead", "memory"):
+    for section in ("paired", "cpu", "latency", "overhead", "memory"):
         if section in figs:
             lines.append("")
             digits = 3 if section == "paired" else 2

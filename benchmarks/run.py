@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from benchmarks import processes, report
 from benchmarks.systems import fleet as fleet_system
 from benchmarks.systems import openai_server
@@ -35,13 +37,13 @@ def main() -> None:
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
                                  FLEET_MODELS=FAKE_MODELS)
-        _configure_this_process(env)
+        configure_this_process(env)
         results: dict[str, Any] = {"machine": report.machine(), "reps": args.reps,
                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         engines = frozenset({"direct", "fleet"} - set(args.skip))
         if engines:
             print(f"== {' and '.join(sorted(engines))}, interleaved", flush=True)
-            results.update(bench_engines(env, args.reps, engines))
+            results.update(bench_engines(env, args.reps, engines, redis.process))
         steps = {"openai": bench_openai, "naive": bench_naive, "overhead": bench_overhead}
         for name, step in steps.items():
             if name not in args.skip:
@@ -50,7 +52,7 @@ def main() -> None:
     report.write(results)
 
 
-def _configure_this_process(env: dict[str, str]) -> None:
+def configure_this_process(env: dict[str, str]) -> None:
     from producer import app
     from producer.celery_app import celery_config
     from producer.settings import get_settings
@@ -72,7 +74,9 @@ def _timed(fn: Any, w: Workload, reps: int, *args: Any) -> list[float]:
 
 
 def bench_engines(env: dict[str, str], reps: int,
-                  systems: frozenset[str] = frozenset({"direct", "fleet"})) -> dict[str, Any]:
+                  systems: frozenset[str] = frozenset({"direct", "fleet"}),
+                  redis: subprocess.Popen[bytes] | None = None, *, model: str = "tiny",
+                  gpus: str = "", names: list[str] | None = None) -> dict[str, Any]:
     """The direct engine and the fleet, their repetitions interleaved workload by workload.
 
     Both stay resident (the idle one waits on a pipe or a queue, using no CPU), so each pair
@@ -86,24 +90,28 @@ def bench_engines(env: dict[str, str], reps: int,
     try:
         if "direct" in systems:
             direct = DirectEngine(subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.systems.direct"], env=env, text=True,
+                [sys.executable, "-m", "benchmarks.systems.direct"],
+                env={**env, "BENCH_MODEL": model}, text=True,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             direct.ask()  # loaded and warm
         if "fleet" in systems:
-            worker = processes.fleet_worker("tiny", "bench-1", env)
-            wait_for_engine("tiny", timeout=300)
+            worker = processes.fleet_worker(model, "bench-1", env, gpus=gpus)
+            wait_for_engine(model, timeout=600)
         times: dict[str, dict[str, list[float]]] = {"direct": {}, "batch": {}, "delay": {}}
-        delay_cpu: dict[str, list[float]] = {}  # the worker's CPU seconds (engine included)
-        for w in workloads():
+        # CPU seconds per run of every process on the path: where two cores' time goes.
+        cpu: dict[str, dict[str, list[float]]] = {
+            "direct": {}, "worker": {}, "producer": {}, "redis": {}}
+        meters = {"producer": psutil.Process()}
+        for w in [w for w in workloads() if names is None or w.name in names]:
             if worker is not None:  # warm up the fleet's path as the direct engine warmed up
                 small = Workload(w.name, w.prompts[:64], w.max_tokens[:64])
-                fleet_system.through_batch_helper(small, "tiny")
-                fleet_system.through_delay(small, "tiny")
+                fleet_system.through_batch_helper(small, model)
+                fleet_system.through_delay(small, model)
             runs: dict[str, Any] = {}
             if direct is not None:
-                runs["direct"] = lambda w=w, direct=direct: direct.run(w.name)
+                runs["direct"] = lambda w=w, direct=direct: _direct_run(direct, w.name, cpu)
             if worker is not None:
-                runs["batch"] = lambda w=w: fleet_system.through_batch_helper(w, "tiny")
+                runs["batch"] = lambda w=w: fleet_system.through_batch_helper(w, model)
             for rep in range(reps):
                 # Each system of a pair goes first in turn: the second meets whatever state
                 # the first left the shared machine in.
@@ -112,21 +120,26 @@ def bench_engines(env: dict[str, str], reps: int,
             # Apart from the pairs: after a .delay() run (seconds of load on both cores) the
             # direct engine's next 1024 x 1 took 0.66-1.2 s, after a batch-helper run 0.51 s.
             if worker is not None:
+                procs = {"worker": worker, "redis": redis}
                 for _ in range(reps):
-                    cpu0 = processes.cpu_s(worker)
+                    cpu0 = _cpu(procs, meters)
                     times["delay"].setdefault(w.name, []).append(
-                        fleet_system.through_delay(w, "tiny"))
-                    delay_cpu.setdefault(w.name, []).append(processes.cpu_s(worker) - cpu0)
+                        fleet_system.through_delay(w, model))
+                    for who, used in _cpu(procs, meters).items():
+                        cpu[who].setdefault(w.name, []).append(used - cpu0[who])
             print("   " + w.name + ": " + ", ".join(
                 f"{system} {_median(t[w.name]):.3f}s" for system, t in times.items()
                 if w.name in t), flush=True)
         out: dict[str, Any] = {}
-        single = single_latencies(direct, reps) if direct and worker else None
+        single = single_latencies(direct, reps, model) if direct and worker else None
         if direct is not None:
-            out["direct"] = {"times": times["direct"], "rss_bytes": direct.ask("rss")["rss_bytes"]}
+            out["direct"] = {"times": times["direct"], "cpu_s": cpu["direct"],
+                             "rss_bytes": direct.ask("rss")["rss_bytes"]}
         if worker is not None:
             out["fleet"] = {"batch": times["batch"], "delay": times["delay"],
-                            "delay_cpu_s": delay_cpu, "single_ms": single,
+                            "delay_cpu_s": cpu["worker"], "single_ms": single,
+                            "delay_producer_cpu_s": cpu["producer"],
+                            "delay_redis_cpu_s": cpu["redis"],
                             "rss_bytes": processes.rss(worker)}
         return out
     finally:
@@ -137,7 +150,23 @@ def bench_engines(env: dict[str, str], reps: int,
             direct.process.wait(60)
 
 
-def single_latencies(direct: DirectEngine, reps: int, calls: int = 30) -> dict[str, Any]:
+def _direct_run(direct: DirectEngine, name: str, cpu: dict[str, dict[str, list[float]]]) -> float:
+    cpu0 = processes.cpu_s(direct.process)
+    elapsed = direct.run(name)
+    cpu["direct"].setdefault(name, []).append(processes.cpu_s(direct.process) - cpu0)
+    return elapsed
+
+
+def _cpu(procs: dict[str, Any], meters: dict[str, psutil.Process]) -> dict[str, float]:
+    used = {who: processes.cpu_s(p) for who, p in procs.items() if p is not None}
+    for who, meter in meters.items():
+        t = meter.cpu_times()
+        used[who] = t.user + t.system
+    return used
+
+
+def single_latencies(direct: DirectEngine, reps: int, model: str = "tiny",
+                     calls: int = 30) -> dict[str, Any]:
     """One request at a time (32 tokens), the direct engine and the fleet's
     ``.delay().get()`` in alternating rounds of ``calls``: the latency the fleet adds."""
     from producer.client import generate as generate_one
@@ -147,7 +176,7 @@ def single_latencies(direct: DirectEngine, reps: int, calls: int = 30) -> dict[s
         out["direct"] += direct.ask(f"single {calls}")["ms"]
         for i in range(calls):
             t0 = time.perf_counter()
-            generate_one(f"single {i}", model="tiny", max_tokens=SINGLE_TOKENS,
+            generate_one(f"single {i}", model=model, max_tokens=SINGLE_TOKENS,
                          temperature=0.0, timeout=60)
             out["fleet"].append((time.perf_counter() - t0) * 1000)
     return out
