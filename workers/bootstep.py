@@ -32,11 +32,24 @@ from workers.delivery import Deliveries
 from workers.idle import IdleUnloader
 from workers.lease import Lease
 from workers.outbox import Outbox
-from workers.pinning import parse_gpus, pin_gpus
+from workers.pinning import check_gpu_choice, cuda_build, host_gpus, parse_gpus, pin_gpus
 from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+
+def choose_gpus(gpus: str | None) -> list[str]:
+    """Parse and pin the worker's GPUs before the engine (and so torch) is imported; refuse
+    ids that do not parse, a pin that comes too late, and no choice at all on a GPU host."""
+    try:
+        ids = parse_gpus(gpus)
+        if not ids and cuda_build():
+            check_gpu_choice(ids, host_gpus(), os.environ, cuda_build=True)
+        pin_gpus(ids)
+    except (ValueError, RuntimeError) as e:
+        raise ImproperlyConfigured(str(e)) from None
+    return ids
 
 
 def refuse_forking_pool(pool_cls: Any) -> None:
@@ -76,13 +89,15 @@ class EngineStep(bootsteps.StartStopStep):
         (micro-batches), the fleet tasks' bodies and the remote-control commands."""
         assert self.model is not None
         refuse_forking_pool(worker.pool_cls)
-        gpu_ids = parse_gpus(self.gpus)
-        pin_gpus(gpu_ids)  # before the engine (and so torch) is even imported
+        gpu_ids = choose_gpus(self.gpus)
         request_amx()
         settings = get_settings()
-        # vLLM reads this when it is first imported, which happens later, on the loader thread.
+        # vLLM reads these when it is first imported, which happens later, on the loader thread.
         multiprocessing = "1" if settings.engine_multiprocessing else "0"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiprocessing
+        # Tensor-parallel workers and a separate engine core start from this process, which
+        # runs Celery's threads by then: fork would copy their locks mid-use.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         config = settings.model(self.model)
         if self.model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
