@@ -65,8 +65,9 @@ class ModelConfig(BaseModel):
     """Tokenizer directory or hub id; defaults to ``model``."""
     engine: Literal["vllm", "fake"] = "vllm"
     """``vllm``: the real engine. ``fake``: the deterministic stand-in (queue benchmarks only)."""
-    max_model_len: int | None = Field(default=None, ge=16)
-    """Context length (prompt + output tokens); defaults to the model's own."""
+    max_model_len: int | None = Field(default=None, ge=-1)
+    """Context length (prompt + output tokens); defaults to the model's own. -1: the longest
+    that fits the KV cache vLLM can allocate (vLLM's auto-fit)."""
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
     """Weights and activations dtype: auto, bfloat16, float16, float32."""
     tensor_parallel_size: int | None = Field(default=None, ge=1)
@@ -100,11 +101,23 @@ class ModelConfig(BaseModel):
     """Engine seed, for requests that carry no seed of their own."""
     idle_unload_s: float | None = Field(default=None, gt=0)
     """Seconds with no request in flight and an empty model queue after which the worker
-    releases the engine (a full unload; the next request reloads it). None: never."""
+    releases the engine (see ``idle_mode``); the next request brings it back. None: never."""
+    idle_mode: Literal["unload", "sleep"] = "unload"
+    """How an idle engine is released. ``unload``: closed, every byte of memory freed, rebuilt
+    on the next request (the only mode on CPU). ``sleep``: vLLM's sleep mode, level 1 (CUDA
+    builds): the weights move to host memory and the KV cache is freed; waking takes seconds
+    instead of a full load."""
     max_tokens_cap: int = Field(default=4096, ge=1)
     """Largest max_tokens a request may ask of this model."""
     defaults: Sampling = Field(default_factory=Sampling)
     """Sampling defaults of this model for the knobs a request leaves unset."""
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _context_length(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 16:
+            raise ValueError("at least 16 tokens, or -1 for the longest that fits in memory")
+        return value
 
 
 class FleetSettings(BaseSettings):

@@ -65,6 +65,30 @@ def test_the_engine_takes_vllm_llm_batch_defaults(
     assert set_args.max_num_batched_tokens == 8192
 
 
+def test_idle_sleep_mode_reaches_the_engine_where_vllm_has_it_and_is_refused_on_cpu(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.platforms import current_platform
+
+    from producer.errors import EngineFailed
+
+    assert _engine_args(ModelConfig(model=str(tiny)), monkeypatch).enable_sleep_mode is False
+    sleepy = ModelConfig(model=str(tiny), idle_mode="sleep")
+    with pytest.raises(EngineFailed, match='cpu platform lacks: use idle_mode = "unload"'):
+        _engine_args(sleepy, monkeypatch)
+    monkeypatch.setattr(type(current_platform), "is_sleep_mode_available", lambda self: True)
+    assert _engine_args(sleepy, monkeypatch).enable_sleep_mode is True
+
+
+def test_max_model_len_minus_one_lets_vllm_fit_the_context(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = _engine_args(ModelConfig(model=str(tiny), max_model_len=-1), monkeypatch)
+    assert args.max_model_len == -1
+    with pytest.raises(ValueError, match="-1 for the longest"):
+        ModelConfig(model=str(tiny), max_model_len=0)
+
+
 def test_hf_overrides_change_the_engine_model_config(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from producer.errors import InvalidRequest, UnknownModel
 from producer.schema import ChatRequest, GenerateRequest, Sampling
 from producer.settings import ModelConfig
 from tests.field_errors import assert_names_field
+from workers.engines.fake import FakeEngine
 from workers.runtime import Runtime
 
 
@@ -78,6 +79,20 @@ def test_idle_unload_then_the_next_request_reloads() -> None:
     assert runtime.describe()["state"] == "idle-unloaded"
     assert runtime.health()["ready"] is False
     assert runtime.handle(GenerateRequest, "t2", kwargs)["completion_tokens"] == 1
+    assert runtime.describe()["state"] == "ready" and runtime.loads == 2
+
+
+def test_idle_sleep_keeps_the_engine_and_wakes_it_for_the_next_request() -> None:
+    runtime = _runtime(idle_unload_s=1, idle_mode="sleep")
+    engine = runtime.engine
+    assert isinstance(engine, FakeEngine)
+    kwargs = {"prompt": "a", "model": "m", "max_tokens": 1}
+    runtime.handle(GenerateRequest, "t1", kwargs)
+    assert runtime.unload_if_idle(0, lambda: 0) is True
+    assert runtime.describe()["state"] == "idle-unloaded"
+    assert runtime.engine is engine and engine.asleep is True  # not rebuilt
+    assert runtime.handle(GenerateRequest, "t2", kwargs)["completion_tokens"] == 1
+    assert runtime.engine is engine and engine.asleep is False
     assert runtime.describe()["state"] == "ready" and runtime.loads == 2
 
 

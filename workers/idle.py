@@ -1,8 +1,9 @@
-"""Idle unload: release a resident engine nobody uses, reload it on the next request.
+"""Idle unload: release a resident engine nobody uses, bring it back on the next request.
 
-vLLM's sleep mode would keep the weights in host memory, but it is refused on CPU, so the
-policy is a full unload everywhere: the engine is closed (GPU or host memory released) and the
-worker keeps consuming its model queue; the next request rebuilds the engine before it runs.
+The worker keeps consuming its model queue meanwhile. How the engine is released is the
+model's ``idle_mode``: a full unload (closed, its memory freed, rebuilt on the next request;
+the only mode on CPU), or vLLM's sleep mode on a GPU (weights parked in host memory, the KV
+cache freed; waking takes seconds instead of a full load).
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ class EngineState(StrEnum):
     READY = "ready"
     DRAINING = "draining"  # takes no new tasks, finishes those taken, then the worker exits
     UNLOADING = "unloading"
-    IDLE_UNLOADED = "idle-unloaded"  # released after idle_unload_s; the next task reloads it
+    # Released after idle_unload_s (closed, or asleep: see ModelConfig.idle_mode); the next
+    # task brings it back.
+    IDLE_UNLOADED = "idle-unloaded"
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -103,13 +105,22 @@ class Runtime:
             self.on_failure(reason)
 
     @property
+    def sleeps(self) -> bool:
+        """Whether idle unload puts the engine to sleep instead of closing it."""
+        return self.config.idle_mode == "sleep"
+
+    @property
     def failed(self) -> bool:
         return self._failed.is_set()
 
-    def load(self) -> None:
-        """Start the engine and answer one warmup request; raise if either fails."""
+    def load(self, *, wake: bool = False) -> None:
+        """Start the engine (or wake it from sleep) and answer one warmup request; raise if
+        either fails."""
         t0 = time.monotonic()
-        self.engine.start()
+        if wake:
+            self.engine.wake_up()
+        else:
+            self.engine.start()
         warm = EngineRequest("warmup", {"max_tokens": 1, "temperature": 0.0}, prompt="warm up")
         self.engine.submit([warm])[0].result(timeout=WARMUP_TIMEOUT_S)
         self.loads += 1
@@ -170,8 +181,11 @@ class Runtime:
                 return
             self.state = EngineState.LOADING
             try:
-                self.engine = self._build()
-                self.load()
+                if self.sleeps:
+                    self.load(wake=True)
+                else:
+                    self.engine = self._build()
+                    self.load()
             except BaseException as e:
                 self.fail(f"reload failed: {e!r}")
                 raise EngineFailed(f"engine {self.engine_id!r} failed to reload: {e}") from e
@@ -184,10 +198,13 @@ class Runtime:
                 return False
             self.state = EngineState.UNLOADING
             self._ready.clear()
-            self.engine.close()
+            if self.sleeps:
+                self.engine.sleep()
+            else:
+                self.engine.close()
             self.state = EngineState.IDLE_UNLOADED
-        log.info("engine %s (%s) unloaded after %.0fs idle", self.engine_id, self.model_id,
-                 idle_s)
+        log.info("engine %s (%s) %s after %.0fs idle", self.engine_id, self.model_id,
+                 "put to sleep" if self.sleeps else "unloaded", idle_s)
         return True
 
     def handle(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
@@ -249,6 +266,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "loads": self.loads,
             "idle_unload_s": self.config.idle_unload_s,
+            "idle_mode": self.config.idle_mode,
             "in_flight": self._inflight,
             "running": stats.running,
             "max_running": stats.max_running,

@@ -25,7 +25,8 @@ def build_engine(
     if config.engine == "fake":
         from workers.engines.fake import FakeEngine
 
-        return FakeEngine(config.max_model_len or 4096)
+        length = config.max_model_len
+        return FakeEngine(length if length is not None and length > 0 else 4096)
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size,

@@ -60,3 +60,10 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Finish what runs, free the engine's memory and processes."""
+
+    def sleep(self) -> None:
+        """Idle with nothing in flight: free the device memory but keep what makes waking
+        quick (vLLM's sleep mode); raise if this engine cannot sleep."""
+
+    def wake_up(self) -> None:
+        """Back from :meth:`sleep`, able to serve."""

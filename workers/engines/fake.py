@@ -22,11 +22,14 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self._stats = EngineStats()
         self._lock = threading.Lock()
+        self.asleep = False
 
     def start(self) -> None:
         pass
 
     def submit(self, requests: Sequence[EngineRequest]) -> list[Future[EngineOutput]]:
+        if self.asleep:  # as vLLM would fail them: a runtime must wake the engine first
+            raise RuntimeError("the engine is asleep")
         futures = []
         for request in requests:
             future: Future[EngineOutput] = Future()
@@ -56,6 +59,12 @@ class FakeEngine:
 
     def ping(self, timeout: float) -> bool:
         return True
+
+    def sleep(self) -> None:
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.asleep = False
 
     def close(self) -> None:
         pass

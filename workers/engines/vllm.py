@@ -24,6 +24,16 @@ from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 log = logging.getLogger(__name__)
 
 
+def check_sleep_mode() -> None:
+    """``idle_mode = "sleep"`` needs vLLM's sleep mode, which only GPU platforms have."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_sleep_mode_available():
+        raise EngineFailed(
+            f'idle_mode = "sleep" uses vLLM\'s sleep mode, which the '
+            f'{current_platform.device_type} platform lacks: use idle_mode = "unload"')
+
+
 def _engine_dead(error: Exception) -> bool:
     from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -51,6 +61,8 @@ class VLLMEngine:
         self._inbox: list[tuple[EngineRequest, Future[EngineOutput]]] = []
         self._aborts: list[str] = []
         self._pings: list[threading.Event] = []
+        # Calls that must run on the engine thread between steps (sleep, wake up).
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._dead: BaseException | None = None
         self._core_dead: EngineFailed | None = None  # set by the engine-core watcher
@@ -102,6 +114,22 @@ class VLLMEngine:
             self._pings.append(answered)
             self._cond.notify()
         return answered.wait(timeout) and self._dead is None
+
+    def sleep(self) -> None:
+        """vLLM's sleep mode, level 1: weights to host memory, KV cache freed."""
+        self._on_engine_thread(lambda: self._engine.sleep(level=1))
+
+    def wake_up(self) -> None:
+        self._on_engine_thread(lambda: self._engine.wake_up())
+
+    def _on_engine_thread(self, call: Callable[[], Any]) -> Any:
+        done: Future[Any] = Future()
+        with self._cond:
+            if self._dead is not None or self._closing or not self._loaded.is_set():
+                raise EngineFailed(f"engine unavailable: {self._dead or 'not running'}")
+            self._calls.append((call, done))
+            self._cond.notify()
+        return done.result()
 
     def close(self) -> None:
         with self._cond:
@@ -156,8 +184,11 @@ class VLLMEngine:
             }.items()
             if v is not None
         }
+        if c.idle_mode == "sleep":
+            check_sleep_mode()
         args = EngineArgs(
             model=c.model,
+            enable_sleep_mode=c.idle_mode == "sleep",
             tokenizer=c.tokenizer,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=c.enforce_eager,
@@ -204,7 +235,7 @@ class VLLMEngine:
         pending = self._pending
         while True:
             with self._cond:
-                while not (self._inbox or self._aborts or self._pings or pending
+                while not (self._inbox or self._aborts or self._pings or self._calls or pending
                            or self._closing or self._core_dead):
                     self._cond.wait()
                 if self._core_dead is not None:
@@ -212,9 +243,15 @@ class VLLMEngine:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 pings, self._pings = self._pings, []
+                calls, self._calls = self._calls, []
                 closing = self._closing
             for answered in pings:
                 answered.set()
+            for call, done in calls:
+                try:
+                    done.set_result(call())
+                except Exception as e:
+                    done.set_exception(e)
             if inbox:
                 self._add_all(inbox, pending)
             if aborts:
@@ -353,6 +390,9 @@ class VLLMEngine:
         with self._cond:
             self._closing = True
             leftovers, self._inbox = self._inbox, []
+            calls, self._calls = self._calls, []
+        for _, done in calls:
+            done.set_exception(EngineFailed("engine stopped"))
         reason = f"engine died: {self._dead!r}" if self._dead else "engine stopped"
         for _, future in leftovers:
             future.set_exception(EngineFailed(f"{reason} before serving the request"))
