@@ -29,6 +29,17 @@ def list_engines(model: str | None = None, *, timeout: float = 1.0) -> list[dict
     return sorted(engines, key=lambda e: (e["model"], e["engine_id"]))
 
 
+def health(engine_id: str, *, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The engine's own answer to ``engine_health`` (its engine thread answers a ping between
+    two steps), or None when no worker of that engine id answered within ``timeout``."""
+    replies = app.control.broadcast("engine_health", reply=True, timeout=timeout)
+    for reply in replies:
+        for node, info in reply.items():
+            if info and info.get("engine_id") == engine_id:
+                return {"node": node, **info}
+    return None
+
+
 def queue_depths(models: set[str]) -> dict[str, int]:
     """Tasks waiting in each model's queue (Redis list length)."""
     with app.connection_for_read() as connection:

@@ -69,6 +69,21 @@ def test_fleet_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None
         command.make_context(sub, list(args), parent=ctx)  # raises on a bad option
 
 
+def test_every_worker_has_a_health_check_of_its_own_engine(compose: dict[str, Any]) -> None:
+    group = get_command(cli)
+    for name, svc in _fleet_services(compose).items():
+        if svc["command"][1] != "worker":
+            continue
+        engine_id = svc["command"][svc["command"].index("--engine-id") + 1]
+        check = svc.get("healthcheck", {})
+        assert check.get("test") == ["CMD", "fleet", "health", engine_id], name
+        assert check["start_period"] and check["interval"] and check["retries"]
+        ctx = group.make_context("fleet", ["health", engine_id])
+        command = group.get_command(ctx, "health")  # type: ignore[attr-defined]
+        assert command is not None
+        command.make_context("health", [engine_id], parent=ctx)
+
+
 def test_fleet_variables_are_settings_the_project_reads(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -250,6 +250,19 @@ def test_engines_listing(workers_ab: tuple[WorkerProc, WorkerProc], fleet_env: d
     assert [e["engine_id"] for e in json.loads(out.stdout)] == ["b1"]
 
 
+def test_health_command_answers_for_one_engine(workers_ab: tuple[WorkerProc, WorkerProc],
+                                               fleet_env: dict[str, str]) -> None:
+    def health(engine_id: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producer.cli", "health", engine_id,
+                               "--timeout", "3"], env=fleet_env, capture_output=True, text=True,
+                              timeout=60)
+
+    ready = health("b1")
+    assert ready.returncode == 0 and ready.stdout.strip() == "b1: ready"
+    missing = health("nobody")
+    assert missing.returncode == 1 and "no answer" in missing.stdout
+
+
 def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     workers_ab: tuple[WorkerProc, WorkerProc], fleet: Fleet, app: Any, redis_client: Any
 ) -> None:
