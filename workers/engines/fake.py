@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+from producer.errors import EngineFailed, InvalidRequest, PromptTooLong
 from producer.schema import DEFAULT_MAX_TOKENS
 from workers.engines.base import EngineOutput, EngineRequest, EngineStats
 
@@ -23,6 +24,7 @@ class FakeEngine:
         self._stats = EngineStats()
         self._lock = threading.Lock()
         self.asleep = False
+        self.closed = False
 
     def start(self) -> None:
         pass
@@ -33,7 +35,10 @@ class FakeEngine:
         futures = []
         for request in requests:
             future: Future[EngineOutput] = Future()
-            future.set_result(self._answer(request))
+            try:
+                future.set_result(self._answer(request))
+            except Exception as e:  # this request's own error, as the vLLM engine fails it
+                future.set_exception(e)
             futures.append(future)
         with self._lock:
             self._stats.max_running = max(self._stats.max_running, len(requests))
@@ -41,11 +46,20 @@ class FakeEngine:
         return futures
 
     def _answer(self, request: EngineRequest) -> EngineOutput:
+        # The vLLM engine's rules (tests/test_engine_contract.py holds both to them).
+        if self.closed:
+            raise EngineFailed("engine unavailable: engine is closing")
         if request.messages is not None:
             words = " ".join(m["content"] or "" for m in request.messages).split()
         else:
             words = (request.prompt or "").split()
-        max_tokens = int(request.sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
+            if not words:
+                raise InvalidRequest("prompt: empty after tokenization")
+        if len(words) >= self.max_model_len:
+            raise PromptTooLong(f"prompt: {len(words)} tokens, but the model takes at most "
+                                f"{self.max_model_len - 1} prompt tokens")
+        max_tokens = min(int(request.sampling.get("max_tokens") or DEFAULT_MAX_TOKENS),
+                         self.max_model_len - len(words))
         out = (words or ["empty"]) * (max_tokens // max(len(words), 1) + 1)
         text = " ".join(out[:max_tokens])
         return EngineOutput(text, "length", len(words), max_tokens)
@@ -67,4 +81,4 @@ class FakeEngine:
         self.asleep = False
 
     def close(self) -> None:
-        pass
+        self.closed = True
