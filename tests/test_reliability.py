@@ -211,8 +211,11 @@ def test_engine_core_process_death_requeues_and_exits_non_zero(
     cores[0].kill()
     code = dying.process.wait(120)
     assert code != 0
-    assert not alive(tree)
-    assert "engine core process exited" in dying.log()
+    # vLLM's processes and multiprocessing's resource tracker see their parent go.
+    wait_until(lambda: not alive(tree), 30, "no process of the worker left")
+    # Seen by the watcher ("engine core process exited") or by vLLM's client first
+    # (EngineDeadError from a step): engine death either way.
+    assert "engine died" in dying.log()
     results = [h.get(timeout=TIMEOUT) for h in handles]  # none lost, none failed
     assert other.engine_id in {r["engine_id"] for r in results}
 

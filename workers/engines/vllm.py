@@ -222,10 +222,9 @@ class VLLMEngine:
             with self._cond:
                 if self._closing:
                     return
-                gone = [p for p in processes if not p.is_alive()]
-                self._core_dead = EngineFailed(
-                    "engine core process exited: " + ", ".join(
-                        f"pid {p.pid} code {p.exitcode}" for p in gone))
+                self._core_dead = EngineFailed("engine core process exited: " + ", ".join(
+                    f"pid {p.pid}" + ("" if p.is_alive() else f" code {p.exitcode}")
+                    for p in processes))
                 self._cond.notify()
             core.outputs_queue.put_nowait(self._core_dead)  # a step waiting on it raises
 
