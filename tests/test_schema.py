@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from producer import InvalidRequest, chat, generate
-from producer.client import generate_batch
+from producer.client import chat_batch, generate_batch
 from producer.schema import GenerateRequest, to_wire
 from tests.field_errors import assert_names_field
 from tests.redis_traffic import nothing_sent, published
@@ -80,7 +80,22 @@ def test_chat_refuses_bad_messages_naming_the_field(messages: Any, field: str, a
 def test_batch_helper_enqueues_nothing_if_one_item_is_invalid(app: Any) -> None:
     with nothing_sent(), pytest.raises(InvalidRequest) as info:
         generate_batch(["fine", "also fine", ""], model="nobody", timeout=1)
-    assert_names_field(info.value, "prompt")
+    assert_names_field(info.value, "prompts.2.prompt")
+
+
+def test_batch_helpers_name_the_bad_item(app: Any) -> None:
+    prompts: list[Any] = ["fine"] * 10_000
+    prompts[7_321] = {"prompt": "fine", "temperature": -1}
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as prompt:
+            generate_batch(prompts, model="nobody", timeout=1)
+        with pytest.raises(InvalidRequest) as role:
+            chat_batch([USER, [{"role": "robot", "content": "hi"}]], model="nobody", timeout=1)
+        with pytest.raises(InvalidRequest) as not_a_list:
+            chat_batch([USER, USER, 5], model="nobody", timeout=1)  # type: ignore[list-item]
+    assert_names_field(prompt.value, "prompts.7321.temperature")
+    assert_names_field(role.value, "conversations.1.messages.0.role")
+    assert_names_field(not_a_list.value, "conversations.2.messages")
 
 
 def test_wire_carries_only_fields_the_caller_set() -> None:
