@@ -77,6 +77,10 @@ class _Frozen(BaseModel):
 class Sampling(_Frozen):
     """Per-call sampling knobs, same names and meaning as ``vllm.SamplingParams``."""
 
+    # NaN or infinity would fail a bound's check with a message about the bound ("less than or
+    # equal to 100"); refused as not finite, the message says what is wrong with the value.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     """Randomness of sampling; 0 picks the most likely token every time (greedy)."""
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None

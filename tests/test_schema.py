@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
 from producer import InvalidRequest, chat, generate
 from producer.client import chat_batch, generate_batch
-from producer.schema import GenerateRequest, to_wire
+from producer.schema import GenerateRequest, Sampling, to_wire
 from tests.field_errors import assert_names_field
 from tests.redis_traffic import nothing_sent, published
 
@@ -41,6 +42,29 @@ def test_generate_refuses_bad_parameter_naming_it(
     with nothing_sent(), pytest.raises(InvalidRequest) as info:
         generate.delay("hello", **kwargs)
     assert_names_field(info.value, field)
+
+
+def float_fields() -> list[str]:
+    """The sampling knobs that take a number (int or float) according to the schema."""
+    found = []
+    for name, prop in Sampling.model_json_schema()["properties"].items():
+        if any(branch.get("type") == "number" for branch in prop.get("anyOf", [prop])):
+            found.append(name)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_float_knobs_refuse_nan_and_infinity(value: float, app: Any) -> None:
+    fields = float_fields()
+    assert {"temperature", "top_p", "min_p", "repetition_penalty"} <= set(fields)
+    for field in fields:
+        with nothing_sent(), pytest.raises(InvalidRequest, match="finite number") as info:
+            generate.delay("hello", model="nobody", **{field: value})
+        assert_names_field(info.value, field)
+        assert "than" not in str(info.value)  # not "less than or equal to 100"
+    with nothing_sent(), pytest.raises(InvalidRequest, match="finite number") as bias:
+        generate.delay("hello", model="nobody", logit_bias={"17": value})
+    assert_names_field(bias.value, "logit_bias.17")
 
 
 def test_generate_refuses_missing_or_wrong_prompt(app: Any) -> None:
