@@ -67,6 +67,28 @@ def test_float_knobs_refuse_nan_and_infinity(value: float, app: Any) -> None:
     assert_names_field(bias.value, "logit_bias.17")
 
 
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(17)], 5, [""], "", ["x" * 1001]])
+def test_bad_stop_says_once_what_is_allowed(stop: Any, app: Any) -> None:
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        generate.delay("hello", model="nobody", stop=stop)
+    message = str(info.value)
+    assert_names_field(message, "stop")
+    assert message.startswith("invalid GenerateRequest: stop: a string or a list of at most 16 "
+                              "strings"), message
+    assert "; " not in message  # one error, not one per member of the union type
+
+
+@pytest.mark.parametrize("choice", ["sometimes", 5, {"type": "function", "function": {}}])
+def test_bad_tool_choice_says_once_what_is_allowed(choice: Any, app: Any) -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        chat.delay(USER, model="nobody", tools=[tool], tool_choice=choice)
+    message = str(info.value)
+    assert_names_field(message, "tool_choice")
+    assert "'auto', 'none', 'required' or " in message, message
+    assert "; " not in message
+
+
 def test_generate_refuses_missing_or_wrong_prompt(app: Any) -> None:
     with nothing_sent():
         with pytest.raises(InvalidRequest) as empty:
