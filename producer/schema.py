@@ -27,6 +27,7 @@ from pydantic_core import CoreSchema
 from pydantic_core.core_schema import UnionSchema
 
 from producer.errors import InvalidRequest
+from producer.explain import describe
 from producer.naming import ID_PATTERN
 
 # Hard limits of the wire format; a model's own limits (context length) are checked by its worker.
@@ -492,18 +493,6 @@ def parse(schema: type[RequestT], data: dict[str, Any]) -> RequestT:
         return schema.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(describe(schema, e)) from None
-
-
-def describe(schema: type[BaseModel], error: ValidationError) -> str:
-    """One line per bad field, e.g. ``temperature: Input should be >= 0 (got -1)``."""
-    lines = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "(request)"
-        got = repr(item.get("input"))
-        if len(got) > 80:
-            got = got[:77] + "..."
-        lines.append(f"{field}: {item['msg']} (got {got})")
-    return f"invalid {schema.__name__}: " + "; ".join(lines)
 
 
 def to_wire(request: BaseModel) -> dict[str, Any]:

@@ -89,6 +89,51 @@ def test_bad_tool_choice_says_once_what_is_allowed(choice: Any, app: Any) -> Non
     assert "; " not in message
 
 
+HINTS = [
+    ({"max_new_tokens": 5}, "use max_tokens"),
+    ({"max_length": 5}, "use max_tokens, which counts generated tokens only"),
+    ({"do_sample": True}, "use temperature, 0 decodes greedily"),
+    ({"num_beams": 4}, "beam search is not supported"),
+    ({"n": 2}, "one completion per request: send it n times, with different seeds"),
+    ({"stop_sequences": ["x"]}, "use stop"),
+    ({"repeat_penalty": 1.1}, "use repetition_penalty"),
+    ({"temprature": 0.5}, "did you mean temperature?"),
+    ({"top-p": 0.5}, "did you mean top_p?"),
+]
+
+
+@pytest.mark.parametrize(("params", "hint"), HINTS)
+def test_unknown_field_hints_at_the_field_meant(
+    params: dict[str, Any], hint: str, app: Any
+) -> None:
+    (field,) = params
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        generate.delay("hello", model="nobody", **params)
+    assert_names_field(info.value, field)
+    assert f"{field}: unknown field, {hint} (got " in str(info.value)
+
+
+def test_unknown_field_hints_below_the_request(app: Any) -> None:
+    from producer import generate_many
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strcit": True}}
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as message:
+            chat.delay([{"role": "user", "contnet": "hi"}], model="nobody")
+        with pytest.raises(InvalidRequest) as nested:
+            generate.delay("hello", model="nobody", response_format=fmt)
+        with pytest.raises(InvalidRequest) as item:
+            generate_many.delay([{"prompt": "ok"}, {"prompt": "x", "max_new_tokens": 5}],
+                                model="nobody")
+        with pytest.raises(InvalidRequest) as no_hint:
+            generate.delay("hello", model="nobody", unknown_knob=1)
+    assert "messages.0.contnet: unknown field, did you mean content?" in str(message.value)
+    assert "json_schema.strcit: unknown field, did you mean strict?" in str(nested.value)
+    assert_names_field(item.value, "requests.1.max_new_tokens")
+    assert "max_new_tokens: unknown field, use max_tokens" in str(item.value)
+    assert str(no_hint.value).endswith("unknown_knob: unknown field (got 1)")
+
+
 def test_generate_refuses_missing_or_wrong_prompt(app: Any) -> None:
     with nothing_sent():
         with pytest.raises(InvalidRequest) as empty:
