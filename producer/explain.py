@@ -11,7 +11,10 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
+#: How pydantic opens the message of a ValueError raised by a validator; the rest says it all.
+VALUE_ERROR = "Value error, "
 #: What other tools call a field of the fleet (Hugging Face, OpenAI, llama.cpp, Ollama, vLLM).
 #: Refused all the same: a name is accepted in one spelling only.
 RENAMED = {
@@ -47,23 +50,23 @@ NOT_SUPPORTED = {
 
 def describe(schema: type[BaseModel], error: ValidationError) -> str:
     """One segment per bad field, e.g. ``invalid GenerateRequest: temperature: ... (got -1)``."""
-    return f"invalid {schema.__name__}: " + "; ".join(segments(schema, error))
+    errors = error.errors(include_url=False)
+    return f"invalid {schema.__name__}: " + "; ".join(segment(schema, e) for e in errors)
 
 
-def segments(schema: type[BaseModel], error: ValidationError) -> list[str]:
-    """``field: what (got ...)`` for each error of ``error``, raised validating ``schema``."""
-    lines = []
-    for item in error.errors(include_url=False):
-        loc = item["loc"]
-        field = ".".join(str(part) for part in loc) or "(request)"
-        what = item["msg"]
-        if item["type"] == "extra_forbidden" and loc:
-            what = unknown_field(loc[-1], fields_at(schema, loc[:-1]))
-        got = repr(item.get("input"))
-        if len(got) > 80:
-            got = got[:77] + "..."
-        lines.append(f"{field}: {what} (got {got})")
-    return lines
+def segment(schema: type[BaseModel], error: ErrorDetails) -> str:
+    """``field: what (got ...)`` for one error of validating ``schema``."""
+    loc = error["loc"]
+    if loc and loc[-1] == "[key]":  # the key of a dict is bad, not its value
+        loc = loc[:-1]
+    field = ".".join(str(part) for part in loc) or "(request)"
+    what = error["msg"].removeprefix(VALUE_ERROR)
+    if error["type"] == "extra_forbidden" and loc:
+        what = unknown_field(loc[-1], fields_at(schema, loc[:-1]))
+    got = repr(error.get("input"))
+    if len(got) > 80:
+        got = got[:77] + "..."
+    return f"{field}: {what} (got {got})"
 
 
 def unknown_field(key: Any, known: Collection[str]) -> str:

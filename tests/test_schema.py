@@ -134,6 +134,16 @@ def test_unknown_field_hints_below_the_request(app: Any) -> None:
     assert str(no_hint.value).endswith("unknown_knob: unknown field (got 1)")
 
 
+def test_validator_and_dict_key_errors_read_plainly(app: Any) -> None:
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as key:
+            generate.delay("hello", model="nobody", logit_bias={"the": 1.0})
+        with pytest.raises(InvalidRequest) as rule:
+            generate.delay("hello", model="nobody", min_tokens=9, max_tokens=4)
+    assert "logit_bias.the: String should match pattern" in str(key.value)  # not .the.[key]
+    assert "min_tokens: min_tokens (9) is above max_tokens (4) (got 9)" in str(rule.value)
+
+
 def test_generate_refuses_missing_or_wrong_prompt(app: Any) -> None:
     with nothing_sent():
         with pytest.raises(InvalidRequest) as empty:
