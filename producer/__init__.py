@@ -8,6 +8,7 @@ Imports neither vLLM nor torch.
 
 from producer.celery_app import app
 from producer.errors import (
+    ConfigError,
     DeadLettered,
     EngineFailed,
     FleetError,
@@ -26,6 +27,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "Completion",
+    "ConfigError",
     "DeadLettered",
     "EngineFailed",
     "FleetError",

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from producer import naming
-from producer.errors import UnknownModel
+from producer.errors import ConfigError, UnknownModel
 from producer.settings import get_settings
 
 cli = typer.Typer(help="vllm-fleet: share resident vLLM engines through Celery and Redis.",
@@ -201,7 +201,12 @@ def demo() -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except ConfigError as e:
+        # The operator's to fix, and the message says where: a traceback would only bury it.
+        typer.echo(f"fleet: {e}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

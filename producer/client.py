@@ -1,8 +1,8 @@
 """Blocking helpers for scripts: enqueue, wait, return results in input order.
 
-Each call validates everything first (nothing is enqueued if one item is invalid), then sends
-the tasks and waits. Safe to call from several threads at once: Celery gives every thread its
-own result-backend connection.
+Each call validates everything first (nothing is enqueued if one item is invalid; the error
+names the item, ``prompts.3: ...``), then sends the tasks and waits. Safe to call from several
+threads at once: Celery gives every thread its own result-backend connection.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def generate_batch(
     chunks spread over the model's engines.
     """
     calls = [_call("prompt", item, model, params) for item in prompts]
-    return _run(generate_task, generate_many, calls, timeout, return_exceptions, progress,
-                chunk_size)
+    return _run(generate_task, generate_many, calls, "prompts", timeout, return_exceptions,
+                progress, chunk_size)
 
 
 def chat_batch(
@@ -77,7 +77,8 @@ def chat_batch(
     """Answer many conversations, in input order; an item is a message list or a dict of one
     request's fields (``{"messages": [...], "seed": 1}``). Chunked like generate_batch."""
     calls = [_call("messages", item, model, params) for item in conversations]
-    return _run(chat_task, chat_many, calls, timeout, return_exceptions, progress, chunk_size)
+    return _run(chat_task, chat_many, calls, "conversations", timeout, return_exceptions,
+                progress, chunk_size)
 
 
 def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0) -> list[str]:
@@ -106,7 +107,10 @@ def _call(field: str, item: Any, model: str,
     """The (args, kwargs) of one batch item: a bare value, or a dict of its own fields."""
     if isinstance(item, dict):
         return (), {"model": model, **params, **item}
-    return ((list(item) if field == "messages" else item),), {"model": model, **params}
+    # A tuple of messages is a conversation too; anything else is left for validation to name.
+    if field == "messages" and isinstance(item, tuple):
+        item = list(item)
+    return (item,), {"model": model, **params}
 
 
 def _one(task: ModelTask, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -119,6 +123,7 @@ def _run(
     item_task: ModelTask,
     many_task: ManyTask,
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    items_name: str,
     timeout: float | None,
     return_exceptions: bool,
     progress: bool | None,
@@ -127,7 +132,7 @@ def _run(
     if chunk_size < 1:
         raise InvalidRequest(f"chunk_size: must be at least 1 (got {chunk_size})")
     chunk_size = min(chunk_size, MAX_BATCH)
-    requests = [item_task.validate(args, kwargs) for args, kwargs in calls]
+    requests = _validate(item_task, calls, items_name)
     if not requests:
         return []
     chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
@@ -143,9 +148,23 @@ def _run(
         for item in items:
             outcome = _outcome(item)
             if isinstance(outcome, BaseException) and not return_exceptions:
+                if "error" in item:  # this item's own error: say which item it is
+                    raise type(outcome)(f"{items_name}.{len(out)}: {outcome}")
                 raise outcome
             out.append(outcome)
     return out
+
+
+def _validate(item_task: ModelTask, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+              items_name: str) -> list[Any]:
+    """Every item's validated request; InvalidRequest naming the first bad item's index."""
+    requests = []
+    for i, (args, kwargs) in enumerate(calls):
+        try:
+            requests.append(item_task.validate(args, kwargs))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{items_name}.{i}: {e}") from None
+    return requests
 
 
 def _outcome(item: dict[str, Any]) -> Completion | BaseException:

@@ -7,9 +7,10 @@
     │   ├── UnknownModel       no such model in the fleet configuration
     │   ├── RequestTooLarge    the task message is above the size limit
     │   └── DeadLettered       the task killed or lost its worker max_deliveries times
-    └── FleetUnavailable       try again later; the request itself is fine
-        ├── NoEngine           no engine serves the model right now
-        └── EngineFailed       the engine failed while serving the request
+    ├── FleetUnavailable       try again later; the request itself is fine
+    │   ├── NoEngine           no engine serves the model right now
+    │   └── EngineFailed       the engine failed while serving the request
+    └── ConfigError            fix the settings: the file or variable the message names
 
 Every class takes one message argument, so Celery can rebuild it from a JSON result.
 """
@@ -55,3 +56,8 @@ class NoEngine(FleetUnavailable):
 
 class EngineFailed(FleetUnavailable):
     """The engine failed while serving the request."""
+
+
+class ConfigError(FleetError):
+    """The settings (FLEET_ variables, the FLEET_CONFIG file) are invalid; the message names
+    where and which key."""

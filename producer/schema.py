@@ -8,27 +8,33 @@ fields a caller set travel on the wire; the worker fills the rest from the model
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
     StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema
+from pydantic_core.core_schema import UnionSchema
 
 from producer.errors import InvalidRequest
+from producer.explain import describe
 from producer.naming import ID_PATTERN
 
 # Hard limits of the wire format; a model's own limits (context length) are checked by its worker.
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_LIMIT = 131_072
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 1_000
 MAX_MESSAGES = 1_024
 MAX_BATCH = 1_024
 MAX_TOOLS = 128  # OpenAI's limit
@@ -36,7 +42,7 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_TOKEN_IDS = 1_024
 
 ModelId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=1_000)]
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS)]
@@ -68,6 +74,25 @@ def _check_parameters(schema: dict[str, Any]) -> dict[str, Any]:
 JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]
 
 
+def one_error(allowed: str) -> GetPydanticSchema:
+    """Make a union type fail with one error saying what is ``allowed``.
+
+    Pydantic reports a value no member accepts once per member, each under a generated name
+    (``stop.list[constrained-str]``); the one error is pydantic-core's own, so a valid value
+    costs nothing more.
+    """
+
+    def schema(source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        union = cast(UnionSchema, handler(source))
+        if union["type"] != "union":
+            raise TypeError(f"one_error() applies to a union type, not {union['type']}")
+        union["custom_error_type"] = "not_allowed"
+        union["custom_error_message"] = allowed
+        return union
+
+    return GetPydanticSchema(schema)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True
@@ -76,6 +101,10 @@ class _Frozen(BaseModel):
 
 class Sampling(_Frozen):
     """Per-call sampling knobs, same names and meaning as ``vllm.SamplingParams``."""
+
+    # NaN or infinity would fail a bound's check with a message about the bound ("less than or
+    # equal to 100"); refused as not finite, the message says what is wrong with the value.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     """Randomness of sampling; 0 picks the most likely token every time (greedy)."""
@@ -92,8 +121,11 @@ class Sampling(_Frozen):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     """Penalises tokens by how often they already appeared in the output."""
     stop: (
-        StopSequence
-        | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+        Annotated[
+            StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)],
+            one_error(f"a string or a list of at most {MAX_STOP_SEQUENCES} strings, each of 1 "
+                      f"to {MAX_STOP_CHARS:,} characters"),
+        ]
         | None
     ) = None
     """Strings that end generation when produced; they are not part of the text."""
@@ -319,7 +351,14 @@ class ChatRequest(Sampling, JsonOutput):
     """Id of the model (and so of the queue) that serves the request."""
     tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     """Functions the model may call (OpenAI's shape); the chat template shows them to it."""
-    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    tool_choice: (
+        Annotated[
+            Literal["auto", "none", "required"] | NamedToolChoice,
+            one_error("'auto', 'none', 'required' or "
+                      "{'type': 'function', 'function': {'name': <the name of a tool>}}"),
+        ]
+        | None
+    ) = None
     """``auto`` (default with tools): the model decides; ``none``: no call; ``required``: at
     least one call; a named function: exactly that call. Forced calls are generated under a
     JSON-schema constraint, so their arguments satisfy the function's parameters."""
@@ -454,18 +493,6 @@ def parse(schema: type[RequestT], data: dict[str, Any]) -> RequestT:
         return schema.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(describe(schema, e)) from None
-
-
-def describe(schema: type[BaseModel], error: ValidationError) -> str:
-    """One line per bad field, e.g. ``temperature: Input should be >= 0 (got -1)``."""
-    lines = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "(request)"
-        got = repr(item.get("input"))
-        if len(got) > 80:
-            got = got[:77] + "..."
-        lines.append(f"{field}: {item['msg']} (got {got})")
-    return f"invalid {schema.__name__}: " + "; ".join(lines)
 
 
 def to_wire(request: BaseModel) -> dict[str, Any]:

@@ -8,16 +8,22 @@ file). Build it once at an entry point with :func:`get_settings` and pass it dow
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -25,15 +31,26 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
-from producer.errors import UnknownModel
+from producer.errors import ConfigError, UnknownModel
+from producer.explain import segment
 from producer.naming import check_id
 from producer.schema import Sampling
 
 TINY_MODEL_ID = "tiny"
+#: How a ConfigError's message opens.
+INVALID = "invalid fleet settings: "
 ParserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _model_id(value: str) -> str:
+    return check_id(value, what="model id")
+
+
+ModelId = Annotated[str, AfterValidator(_model_id)]
 
 
 class StructuredOutputsOptions(BaseModel):
@@ -145,7 +162,7 @@ class FleetSettings(BaseSettings):
     """Largest task message a producer sends (its JSON body); larger requests are refused."""
     config: Path | None = None
     """TOML fleet config file with a ``[models.<id>]`` table per model."""
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    models: dict[ModelId, ModelConfig] = Field(default_factory=dict)
     """Engine settings per model id (from the config file, or JSON in FLEET_MODELS)."""
     cache_dir: Path = Path.home() / ".cache" / "vllm-fleet"
     """Where the embedded tiny model is built."""
@@ -175,13 +192,6 @@ class FleetSettings(BaseSettings):
     flower_port: int = 5555
     """Port Flower listens on."""
 
-    @field_validator("models")
-    @classmethod
-    def _check_model_ids(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-        for model_id in models:
-            check_id(model_id, what="model id")
-        return models
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -194,6 +204,9 @@ class FleetSettings(BaseSettings):
         config_file = os.environ.get("FLEET_CONFIG")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config_file:
+            # pydantic-settings skips a missing file, and the models in it would go unnoticed.
+            if not Path(config_file).expanduser().is_file():
+                raise ConfigError(f"{INVALID}{_config_file()}: no such file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 
@@ -237,5 +250,66 @@ def tiny_model_config(path: Path) -> ModelConfig:
 
 @functools.cache
 def get_settings() -> FleetSettings:
-    """The process-wide settings, read once from the environment and the config file."""
-    return FleetSettings()
+    """The process-wide settings, read once from the environment and the config file.
+
+    Invalid ones raise ConfigError (and are read again by the next call, which may find them
+    fixed).
+    """
+    return read_settings()
+
+
+def read_settings() -> FleetSettings:
+    """The settings from the environment and the config file, or ConfigError: one line naming
+    where each bad key comes from (the FLEET_CONFIG file or a FLEET_ variable) and the key."""
+    try:
+        return FleetSettings()
+    except ValidationError as e:
+        problems = [f"{_origin(error['loc'])}: {segment(FleetSettings, error)}"
+                    for error in e.errors(include_url=False)]
+    except SettingsError as e:  # a JSON variable (FLEET_MODELS) that does not parse
+        field = re.search(r'field "(\w+)"', str(e))
+        variable = f"FLEET_{field.group(1).upper()}" if field else "a FLEET_ variable"
+        problems = [f"{variable}: not valid JSON: {e.__cause__ or e}"]
+    except tomllib.TOMLDecodeError as e:
+        problems = [f"{_config_file()}: not valid TOML: {e}"]
+    except OSError as e:
+        problems = [f"{_config_file()}: cannot read it: {e.strerror}"]
+    raise ConfigError(INVALID + "; ".join(problems))
+
+
+def _config_file() -> str:
+    return f"{os.environ.get('FLEET_CONFIG')} (FLEET_CONFIG)"
+
+
+def _origin(loc: Sequence[int | str]) -> str:
+    """Where the value at ``loc`` was read: its FLEET_ variable or the config file, whichever
+    holds more of ``loc`` (the variable on a tie: it wins over the file)."""
+    if not loc:
+        return "settings"
+    variable = f"FLEET_{str(loc[0]).upper()}"
+    value = {name.upper(): v for name, v in os.environ.items()}.get(variable)
+    config = os.environ.get("FLEET_CONFIG")
+    if config is None:
+        return variable
+    if value is None:
+        return _config_file()
+    try:
+        in_variable: Any = {loc[0]: json.loads(value)} if len(loc) > 1 else {loc[0]: value}
+    except ValueError:
+        in_variable = {loc[0]: value}
+    try:
+        in_file: Any = tomllib.loads(Path(config).expanduser().read_text())
+    except (OSError, ValueError):
+        in_file = {}
+    return variable if _depth(in_variable, loc) >= _depth(in_file, loc) else _config_file()
+
+
+def _depth(data: Any, loc: Sequence[int | str]) -> int:
+    """How many parts of ``loc`` lead through ``data`` (nested dicts)."""
+    depth = 0
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            break
+        data = data[part]
+        depth += 1
+    return depth

@@ -1,12 +1,12 @@
 """Which fields an error message names, read the way the fleet writes them.
 
 A message is ``[invalid <Schema>: ]<field>: <what> (got ...)[; <field>: ...]`` (see
-``producer.schema.describe``); a batch item's error is its index's segment holding the item's
+``producer.explain.describe``); a batch item's error is its index's segment holding the item's
 own error (``requests.3: invalid GenerateRequest: temperature: ...``), and a validator's
-``Value error, <subfield>: ...`` names a field below its segment's. A field is named when a
-segment's field is it, or lies below it (``stop.constrained-str`` names ``stop``). Field names
-may hold any text (unknown keyword arguments), so segments are matched against the expected
-field rather than split blindly.
+``<subfield>: ...`` (with or without pydantic's ``Value error, ``) names a field below its
+segment's. A field is named when a segment's field is it, or lies below it (``messages.0.role``
+names ``messages``). Field names may hold any text (unknown keyword arguments), so segments are
+matched against the expected field rather than split blindly.
 """
 
 from __future__ import annotations

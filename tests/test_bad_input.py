@@ -21,7 +21,14 @@ from celery.result import AsyncResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer import RequestRejected, RequestTooLarge, chat, generate, generate_many
+from producer import (
+    PromptTooLong,
+    RequestRejected,
+    RequestTooLarge,
+    chat,
+    generate,
+    generate_many,
+)
 from producer.naming import MALFORMED_QUEUE
 from producer.schema import MAX_BATCH, MAX_PROMPT_CHARS, GenerateRequest
 from producer.transport import MALFORMED_KEEP_BYTES
@@ -139,6 +146,34 @@ def test_malformed_item_in_a_batch_refused_naming_it(
     with nothing_sent(), pytest.raises(RequestRejected) as refused:
         generate_many.delay(items, model=MODEL)
     assert_names_field(refused.value, f"requests.{position}.{field}")
+
+
+def test_batch_helper_names_the_item_a_worker_refused(
+    app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producer import client
+    from producer.tasks import ManyTask
+
+    done = {"ok": {"text": "ok", "finish_reason": "stop", "prompt_tokens": 1,
+                   "completion_tokens": 1, "total_tokens": 2, "model": MODEL, "engine_id": "e1"}}
+    refused = {"error": {"type": "PromptTooLong",
+                         "message": "prompt: 600 tokens, but model 'bad-input' takes at most 511 "
+                                    "prompt tokens (max_model_len 512)"}}
+
+    def answers(handles: list[Any], *args: Any) -> list[Any]:
+        # What the worker answers, chunk by chunk: the 301st prompt does not fit its context.
+        values = [[done] * len(request.requests) for request in handles]
+        values[1][300 - 256] = refused
+        return values
+
+    monkeypatch.setattr(ManyTask, "send", lambda self, request, **options: request)
+    monkeypatch.setattr(client, "_collect", answers)
+    prompts = ["fine"] * 600
+    with pytest.raises(PromptTooLong) as raised:
+        client.generate_batch(prompts, model=MODEL, chunk_size=256)
+    assert_names_field(raised.value, "prompts.300.prompt")
+    in_place = client.generate_batch(prompts, model=MODEL, return_exceptions=True)
+    assert [i for i, r in enumerate(in_place) if isinstance(r, PromptTooLong)] == [300]
 
 
 def test_limits(app: Any) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
 from producer import InvalidRequest, chat, generate
-from producer.client import generate_batch
-from producer.schema import GenerateRequest, to_wire
+from producer.client import chat_batch, generate_batch
+from producer.schema import GenerateRequest, Sampling, to_wire
 from tests.field_errors import assert_names_field
 from tests.redis_traffic import nothing_sent, published
 
@@ -41,6 +42,106 @@ def test_generate_refuses_bad_parameter_naming_it(
     with nothing_sent(), pytest.raises(InvalidRequest) as info:
         generate.delay("hello", **kwargs)
     assert_names_field(info.value, field)
+
+
+def float_fields() -> list[str]:
+    """The sampling knobs that take a number (int or float) according to the schema."""
+    found = []
+    for name, prop in Sampling.model_json_schema()["properties"].items():
+        if any(branch.get("type") == "number" for branch in prop.get("anyOf", [prop])):
+            found.append(name)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_float_knobs_refuse_nan_and_infinity(value: float, app: Any) -> None:
+    fields = float_fields()
+    assert {"temperature", "top_p", "min_p", "repetition_penalty"} <= set(fields)
+    for field in fields:
+        with nothing_sent(), pytest.raises(InvalidRequest, match="finite number") as info:
+            generate.delay("hello", model="nobody", **{field: value})
+        assert_names_field(info.value, field)
+        assert "than" not in str(info.value)  # not "less than or equal to 100"
+    with nothing_sent(), pytest.raises(InvalidRequest, match="finite number") as bias:
+        generate.delay("hello", model="nobody", logit_bias={"17": value})
+    assert_names_field(bias.value, "logit_bias.17")
+
+
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(17)], 5, [""], "", ["x" * 1001]])
+def test_bad_stop_says_once_what_is_allowed(stop: Any, app: Any) -> None:
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        generate.delay("hello", model="nobody", stop=stop)
+    message = str(info.value)
+    assert_names_field(message, "stop")
+    assert message.startswith("invalid GenerateRequest: stop: a string or a list of at most 16 "
+                              "strings"), message
+    assert "; " not in message  # one error, not one per member of the union type
+
+
+@pytest.mark.parametrize("choice", ["sometimes", 5, {"type": "function", "function": {}}])
+def test_bad_tool_choice_says_once_what_is_allowed(choice: Any, app: Any) -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        chat.delay(USER, model="nobody", tools=[tool], tool_choice=choice)
+    message = str(info.value)
+    assert_names_field(message, "tool_choice")
+    assert "'auto', 'none', 'required' or " in message, message
+    assert "; " not in message
+
+
+HINTS = [
+    ({"max_new_tokens": 5}, "use max_tokens"),
+    ({"max_length": 5}, "use max_tokens, which counts generated tokens only"),
+    ({"do_sample": True}, "use temperature, 0 decodes greedily"),
+    ({"num_beams": 4}, "beam search is not supported"),
+    ({"n": 2}, "one completion per request: send it n times, with different seeds"),
+    ({"stop_sequences": ["x"]}, "use stop"),
+    ({"repeat_penalty": 1.1}, "use repetition_penalty"),
+    ({"temprature": 0.5}, "did you mean temperature?"),
+    ({"top-p": 0.5}, "did you mean top_p?"),
+]
+
+
+@pytest.mark.parametrize(("params", "hint"), HINTS)
+def test_unknown_field_hints_at_the_field_meant(
+    params: dict[str, Any], hint: str, app: Any
+) -> None:
+    (field,) = params
+    with nothing_sent(), pytest.raises(InvalidRequest) as info:
+        generate.delay("hello", model="nobody", **params)
+    assert_names_field(info.value, field)
+    assert f"{field}: unknown field, {hint} (got " in str(info.value)
+
+
+def test_unknown_field_hints_below_the_request(app: Any) -> None:
+    from producer import generate_many
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strcit": True}}
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as message:
+            chat.delay([{"role": "user", "contnet": "hi"}], model="nobody")
+        with pytest.raises(InvalidRequest) as nested:
+            generate.delay("hello", model="nobody", response_format=fmt)
+        with pytest.raises(InvalidRequest) as item:
+            generate_many.delay([{"prompt": "ok"}, {"prompt": "x", "max_new_tokens": 5}],
+                                model="nobody")
+        with pytest.raises(InvalidRequest) as no_hint:
+            generate.delay("hello", model="nobody", unknown_knob=1)
+    assert "messages.0.contnet: unknown field, did you mean content?" in str(message.value)
+    assert "json_schema.strcit: unknown field, did you mean strict?" in str(nested.value)
+    assert_names_field(item.value, "requests.1.max_new_tokens")
+    assert "max_new_tokens: unknown field, use max_tokens" in str(item.value)
+    assert str(no_hint.value).endswith("unknown_knob: unknown field (got 1)")
+
+
+def test_validator_and_dict_key_errors_read_plainly(app: Any) -> None:
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as key:
+            generate.delay("hello", model="nobody", logit_bias={"the": 1.0})
+        with pytest.raises(InvalidRequest) as rule:
+            generate.delay("hello", model="nobody", min_tokens=9, max_tokens=4)
+    assert "logit_bias.the: String should match pattern" in str(key.value)  # not .the.[key]
+    assert "min_tokens: min_tokens (9) is above max_tokens (4) (got 9)" in str(rule.value)
 
 
 def test_generate_refuses_missing_or_wrong_prompt(app: Any) -> None:
@@ -80,7 +181,22 @@ def test_chat_refuses_bad_messages_naming_the_field(messages: Any, field: str, a
 def test_batch_helper_enqueues_nothing_if_one_item_is_invalid(app: Any) -> None:
     with nothing_sent(), pytest.raises(InvalidRequest) as info:
         generate_batch(["fine", "also fine", ""], model="nobody", timeout=1)
-    assert_names_field(info.value, "prompt")
+    assert_names_field(info.value, "prompts.2.prompt")
+
+
+def test_batch_helpers_name_the_bad_item(app: Any) -> None:
+    prompts: list[Any] = ["fine"] * 10_000
+    prompts[7_321] = {"prompt": "fine", "temperature": -1}
+    with nothing_sent():
+        with pytest.raises(InvalidRequest) as prompt:
+            generate_batch(prompts, model="nobody", timeout=1)
+        with pytest.raises(InvalidRequest) as role:
+            chat_batch([USER, [{"role": "robot", "content": "hi"}]], model="nobody", timeout=1)
+        with pytest.raises(InvalidRequest) as not_a_list:
+            chat_batch([USER, USER, 5], model="nobody", timeout=1)  # type: ignore[list-item]
+    assert_names_field(prompt.value, "prompts.7321.temperature")
+    assert_names_field(role.value, "conversations.1.messages.0.role")
+    assert_names_field(not_a_list.value, "conversations.2.messages")
 
 
 def test_wire_carries_only_fields_the_caller_set() -> None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from producer import naming
-from producer.errors import UnknownModel
-from producer.settings import FleetSettings
+from producer.errors import ConfigError, UnknownModel
+from producer.settings import FleetSettings, get_settings
+from tests.harness import project_env
 from workers.pinning import check_gpu_choice, cuda_build, parse_gpus, pin_gpus
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_toml_config_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,6 +58,81 @@ def test_bad_model_config_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError) as info:
         FleetSettings()
     assert [e["loc"] for e in info.value.errors()] == [("models", "m1", "gpu_memory_utilization")]
+
+
+@pytest.fixture
+def unread_settings() -> Iterator[None]:
+    """get_settings() reads this test's environment, and the next test's its own."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+GOOD_MODEL = '[models.ok]\nmodel = "/w"\n'
+TOO_SHORT = "at least 16 tokens, or -1 for the longest that fits in memory"
+BAD_CONFIGS = [
+    # (config file text, FLEET_ variables, what the one-line error says)
+    (GOOD_MODEL + '[models.qwen]\nmodel = "/w"\nmax_model_len = 8\n', {},
+     ["{config}: models.qwen.max_model_len: " + TOO_SHORT + " (got 8)"]),
+    (GOOD_MODEL, {"FLEET_MODELS": '{"qwen": {"model": "/w", "max_model_len": 8}}'},
+     ["FLEET_MODELS: models.qwen.max_model_len: " + TOO_SHORT]),
+    (GOOD_MODEL + '[models."bad id"]\nmodel = "/w"\n', {},
+     ["{config}: models.bad id: model id 'bad id' must match"]),
+    (GOOD_MODEL + '[models.qwen]\nmodel = "/w"\nmax_model_length = 4096\n', {},
+     ["{config}: models.qwen.max_model_length: unknown field, did you mean max_model_len?"]),
+    (GOOD_MODEL + '[models.qwen.defaults]\ntemperature = nan\n', {},
+     ["{config}: models.qwen.model: Field required",
+      "{config}: models.qwen.defaults.temperature: Input should be a finite number"]),
+    ('visibility_timeout = 0\n' + GOOD_MODEL, {"FLEET_MAX_DELIVERIES": "many"},
+     ["{config}: visibility_timeout: Input should be greater than or equal to 1",
+      "FLEET_MAX_DELIVERIES: max_deliveries: Input should be a valid integer"]),
+    (GOOD_MODEL + '[models.qwen]\nmodel "/w"\n', {},
+     ["{config}: not valid TOML: Expected '=' after a key in a key/value pair (at line 4"]),
+    (None, {}, ["{config}: no such file"]),
+    (GOOD_MODEL, {"FLEET_MODELS": "{qwen: 1}"}, ["FLEET_MODELS: not valid JSON"]),
+]
+
+
+@pytest.mark.parametrize(("text", "env", "says"), BAD_CONFIGS, ids=[
+    "file", "FLEET_MODELS", "model-id", "misspelt-key", "two-keys", "file-and-variable",
+    "toml-syntax", "missing-file", "json-syntax"])
+def test_bad_config_is_one_config_error_naming_where_and_the_key(
+    text: str | None, env: dict[str, str], says: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, unread_settings: None,
+) -> None:
+    from producer import generate
+
+    config = tmp_path / "fleet.toml"
+    if text is not None:
+        config.write_text(text)
+    for name in [name for name in os.environ if name.startswith("FLEET_")]:
+        monkeypatch.delenv(name)  # the session's own (FLEET_VISIBILITY_TIMEOUT...) would win
+    monkeypatch.setenv("FLEET_CONFIG", str(config))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        get_settings()
+    message = str(info.value)
+    assert message.startswith("invalid fleet settings: "), message
+    assert "\n" not in message
+    for part in says:
+        assert part.format(config=f"{config} (FLEET_CONFIG)") in message, message
+    # A call for a model the config gets right fails the same way, before anything is sent.
+    with pytest.raises(ConfigError) as call:
+        generate.delay("hello", model="ok")
+    assert str(call.value) == message
+
+
+def test_fleet_cli_prints_a_bad_config_as_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text(GOOD_MODEL + '[models.qwen]\nmodel = "/w"\nmax_model_len = 8\n')
+    env = project_env(FLEET_CONFIG=str(config), FLEET_BROKER_URL="redis://127.0.0.1:9/0")
+    run = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--model", "ok"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert run.stdout == ""
+    assert run.stderr == (f"fleet: invalid fleet settings: {config} (FLEET_CONFIG): "
+                          f"models.qwen.max_model_len: {TOO_SHORT} (got 8)\n")
 
 
 def test_queue_and_node_names() -> None:
