@@ -9,7 +9,7 @@ EXTRAS ?= worker,cpu,flower,dev,bench
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench gpu-check lint clean
+.PHONY: setup demo test test-fast bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# What needs no vLLM engine (schema, settings, Redis I/O, the runtime and workers on the fake
+# engine, tool-call parsing, the fake side of the engine contract): about a minute.
+test-fast: setup
+	$(PY) -m pytest -m "not engine"
 
 bench: setup
 	$(PY) -m benchmarks.run

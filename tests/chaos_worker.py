@@ -30,7 +30,11 @@ def _slow_submit(self: FakeEngine, requests: Sequence[EngineRequest]) -> list[Fu
 
     def answer() -> None:
         for future, done in zip(futures, answers, strict=True):
-            future.set_result(done.result())
+            error = done.exception()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(done.result())
 
     threading.Timer(LATENCY_S, answer).start()
     return futures
