@@ -8,6 +8,16 @@ import subprocess
 import sys
 
 
+def test_vllm_starts_its_processes_with_spawn_unless_the_operator_chose() -> None:
+    from workers.bootstep import vllm_environment
+
+    assert vllm_environment(False, {}) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    chosen = vllm_environment(True, {"VLLM_WORKER_MULTIPROC_METHOD": "forkserver"})
+    assert chosen == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                      "VLLM_WORKER_MULTIPROC_METHOD": "forkserver"}
+
+
 def test_celerys_default_prefork_pool_is_refused_with_a_clear_error() -> None:
     # Its forked children would run the task bodies without the worker's engine.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -37,6 +38,15 @@ from workers.runtime import Runtime
 from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+
+def vllm_environment(multiprocessing: bool, environ: Mapping[str, str]) -> dict[str, str]:
+    """vLLM's process settings for a worker: the engine core in-process unless asked, and
+    ``spawn`` for every process vLLM starts (tensor-parallel workers, a separate engine core):
+    they start from a process that runs Celery's threads, and fork would copy their locks
+    mid-use. An operator's own start method is kept."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
+            "VLLM_WORKER_MULTIPROC_METHOD": environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn")}
 
 
 def choose_gpus(gpus: str | None) -> list[str]:
@@ -93,11 +103,7 @@ class EngineStep(bootsteps.StartStopStep):
         request_amx()
         settings = get_settings()
         # vLLM reads these when it is first imported, which happens later, on the loader thread.
-        multiprocessing = "1" if settings.engine_multiprocessing else "0"
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiprocessing
-        # Tensor-parallel workers and a separate engine core start from this process, which
-        # runs Celery's threads by then: fork would copy their locks mid-use.
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        os.environ.update(vllm_environment(settings.engine_multiprocessing, os.environ))
         config = settings.model(self.model)
         if self.model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
