@@ -238,18 +238,12 @@ def check_pinning(ctx: Context) -> Verdict:
     mine = {pid: uuid for pid, uuid in apps.items() if pid in {p.pid for p in procs}}
     code = warm_stop(worker)
     held = memory_back(ctx.gpus, before)
-    problems = []
-    if not mine:
-        problems.append("the worker's processes hold no GPU memory")
     elsewhere = sorted({uuid for uuid in mine.values() if uuid != gpu.uuid})
-    if elsewhere:
-        problems.append(f"the worker also uses {elsewhere}")
-    if code != 0:
-        problems.append(f"warm shutdown exited {code}")
-    if held:
-        problems.append(held)
-    return Verdict("pinning", FAIL if problems else PASS, "; ".join(problems) or
-                   f"--gpus {gpu.index}: on {gpu.uuid} only; warm shutdown exit 0, memory back")
+    return _verdict(
+        "pinning", f"--gpus {gpu.index}: on {gpu.uuid} only; warm shutdown exit 0, memory back",
+        None if mine else "the worker's processes hold no GPU memory",
+        f"the worker also uses {elsewhere}" if elsewhere else None,
+        f"warm shutdown exited {code}" if code != 0 else None, held)
 
 
 def check_tensor_parallel(ctx: Context) -> Verdict:
@@ -265,17 +259,11 @@ def check_tensor_parallel(ctx: Context) -> Verdict:
     code = warm_stop(worker)
     left = wait_gone(procs, 60)
     held = memory_back(ctx.gpus, before)
-    problems = []
-    if len(used) < 2:
-        problems.append(f"the process tree uses {len(used)} GPU(s)")
-    if code != 0:
-        problems.append(f"warm shutdown exited {code}")
-    if left:
-        problems.append(f"{len(left)} process(es) left: {[p.pid for p in left]}")
-    if held:
-        problems.append(held)
-    return Verdict("tensor-parallel", FAIL if problems else PASS, "; ".join(problems) or
-                   f"{len(procs)} processes on 2 GPUs; all gone after warm shutdown, memory back")
+    return _verdict(
+        "tensor-parallel",
+        f"{len(procs)} processes on 2 GPUs; all gone after warm shutdown, memory back",
+        f"the process tree uses {len(used)} GPU(s)" if len(used) < 2 else None,
+        f"warm shutdown exited {code}" if code != 0 else None, _left(left), held)
 
 
 def check_sigkill(ctx: Context) -> Verdict:
@@ -295,14 +283,8 @@ def check_sigkill(ctx: Context) -> Verdict:
     held = memory_back(ctx.gpus, before) if ctx.gpus else None
     for h in handles:
         h.forget()
-    problems = []
-    if left:
-        problems.append(f"{len(left)} process(es) left: "
-                        f"{[(p.pid, _name(p)) for p in left]}")
-    if held:
-        problems.append(held)
-    return Verdict("sigkill", FAIL if problems else PASS, "; ".join(problems) or
-                   f"{len(procs)} process(es) gone" + (", memory back" if ctx.gpus else ""))
+    return _verdict("sigkill", f"{len(procs)} process(es) gone" +
+                    (", memory back" if ctx.gpus else ""), _left(left), held)
 
 
 def check_idle_unload(ctx: Context) -> Verdict:
@@ -368,15 +350,8 @@ def check_core_death(ctx: Context) -> Verdict:
                        "the worker still ran 120 s after its engine core was killed")
     left = wait_gone(procs, 30)
     held = memory_back(ctx.gpus, before) if ctx.gpus else None
-    problems = []
-    if code == 0:
-        problems.append("the worker exited 0")
-    if left:
-        problems.append(f"{len(left)} process(es) left")
-    if held:
-        problems.append(held)
-    return Verdict("core-death", FAIL if problems else PASS, "; ".join(problems) or
-                   f"worker exited {code} after its engine core died; no process left")
+    return _verdict("core-death", f"worker exited {code} after its engine core died; no process "
+                    "left", "the worker exited 0" if code == 0 else None, _left(left), held)
 
 
 def check_throughput(ctx: Context) -> Verdict:
@@ -410,6 +385,16 @@ CHECKS: dict[str, Callable[[Context], Verdict]] = {
     "core-death": check_core_death,
     "throughput": check_throughput,
 }
+
+
+def _verdict(name: str, ok: str, *problems: str | None) -> Verdict:
+    """FAIL naming every problem found, else PASS saying what was seen."""
+    found = [p for p in problems if p]
+    return Verdict(name, FAIL if found else PASS, "; ".join(found) or ok)
+
+
+def _left(procs: list[psutil.Process]) -> str | None:
+    return f"{len(procs)} process(es) left: {[(p.pid, _name(p)) for p in procs]}" if procs else None
 
 
 def _installed(name: str) -> str | None:
