@@ -71,6 +71,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             "fake worker CPU per .delay() task us": cpu_us,
             "stock worker CPU per no-op task us": stock_cpu_us,
             "fake / stock worker CPU per task": cpu_us / stock_cpu_us,
+            **_producer_cpu(o),
             "fake latency p50 ms": fleet_ms["p50"],
             "fake latency p99 ms": fleet_ms["p99"],
             "stock no-op latency p50 ms": stock_ms["p50"],
@@ -98,6 +99,17 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
                                             - raw["direct"]["rss_bytes"]) / MB,
         }
     return out
+
+
+def _producer_cpu(o: dict[str, Any]) -> dict[str, float]:
+    """The producer's CPU per task (``.delay()`` and collecting the result), the fleet's task
+    beside stock Celery's no-op: what an application pays per call, on any engine."""
+    if not o.get("producer_cpu_s"):
+        return {}
+    fleet = 1e6 * statistics.median(o["producer_cpu_s"]) / o["delay_n"]
+    stock = 1e6 * statistics.median(o["stock"]["producer_cpu_s"]) / o["stock"]["delay_n"]
+    return {"producer CPU per fleet .delay() task us": fleet,
+            "producer CPU per stock Celery .delay() task us": stock}
 
 
 def _cpu_budget(raw: dict[str, Any], n: dict[str, int]) -> dict[str, float]:

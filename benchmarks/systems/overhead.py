@@ -26,9 +26,9 @@ def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int 
     from producer.client import wait_for_engine
 
     out: dict[str, Any] = {"batch_helper_n": n_batch, "delay_n": n_delay, "delay_s": [],
-                           "delay_cpu_s": [], "latency_ms": [],
+                           "delay_cpu_s": [], "producer_cpu_s": [], "latency_ms": [],
                            "stock": {"delay_n": n_delay, "delay_s": [], "delay_cpu_s": [],
-                                     "latency_ms": []}}
+                                     "producer_cpu_s": [], "latency_ms": []}}
     worker = processes.fleet_worker("fake", "fake-1", env)
     stock = processes.celery_worker("benchmarks.systems.noop_app", "noop", env, "-P", "solo")
     try:
@@ -39,13 +39,16 @@ def measure(env: dict[str, str], reps: int, n_batch: int = 10_000, n_delay: int 
         out["batch_helper_s"] = [fleet_system.through_batch_helper(big, "fake", 256)
                                  for _ in range(reps)]
         for _ in range(reps):
-            # Worker CPU time moves far less with the machine's noise than wall time.
-            cpu0 = processes.cpu_s(worker)
+            # CPU time moves far less with the machine's noise than wall time: the worker's,
+            # and this process's (the producer: .delay() and collecting the results).
+            cpu0, mine0 = processes.cpu_s(worker), time.process_time()
             out["delay_s"].append(fleet_system.through_delay(small, "fake"))
             out["delay_cpu_s"].append(processes.cpu_s(worker) - cpu0)
-            cpu0 = processes.cpu_s(stock)
+            out["producer_cpu_s"].append(time.process_time() - mine0)
+            cpu0, mine0 = processes.cpu_s(stock), time.process_time()
             out["stock"]["delay_s"].append(_stock_delay(echo, n_delay))
             out["stock"]["delay_cpu_s"].append(processes.cpu_s(stock) - cpu0)
+            out["stock"]["producer_cpu_s"].append(time.process_time() - mine0)
         for _ in range(reps):
             out["latency_ms"].append(latencies(
                 lambda i: generate_one(f"ping {i}", model="fake", max_tokens=1, timeout=30),
