@@ -136,6 +136,7 @@ def start_worker(ctx: Context, model: str, engine_id: str, *, gpus: str = "",
 
 def wait_ready(model: str, process: subprocess.Popen[bytes], timeout: float = 600) -> None:
     from producer.client import wait_for_engine
+    from producer.errors import NoEngine
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +145,7 @@ def wait_ready(model: str, process: subprocess.Popen[bytes], timeout: float = 60
         try:
             wait_for_engine(model, timeout=5)
             return
-        except TimeoutError:
+        except NoEngine:  # not yet: look whether the worker is still alive, then wait again
             continue
     raise TimeoutError(f"no engine of {model} ready after {timeout:.0f} s")
 

@@ -161,3 +161,26 @@ def project_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(extra)
     return env
+
+
+def result_of(handle: Any, redis_client: Any, timeout: float) -> Any:
+    """``handle.get(timeout)``; on a timeout, fail saying where the task is: its stored result
+    (then the waiter missed it), its message still queued or held unacknowledged (then no
+    worker finished it), or nowhere (lost)."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from producer import naming
+
+    try:
+        return handle.get(timeout=timeout)
+    except CeleryTimeout:
+        stored = redis_client.get(f"celery-task-meta-{handle.id}")
+        held = [tag for tag, raw in redis_client.hgetall(naming.UNACKED_KEY).items()
+                if handle.id.encode() in raw]
+        queued = [key for key in redis_client.scan_iter(match="fleet.model.*")
+                  if redis_client.type(key) == b"list"
+                  and any(handle.id.encode() in m for m in redis_client.lrange(key, 0, -1))]
+        raise AssertionError(
+            f"no result for {handle.id} after {timeout:.0f}s: stored result {stored!r}; "
+            f"unacknowledged delivery tags {held}; queued in {queued}; deliveries counted "
+            f"{redis_client.get(f'fleet.deliveries.{handle.id}')!r}") from None

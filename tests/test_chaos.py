@@ -19,7 +19,7 @@ import pytest
 from celery.result import AsyncResult
 
 from producer import generate
-from tests.harness import Fleet
+from tests.harness import Fleet, result_of
 
 MODEL = "chaos"
 KILLS = 20
@@ -77,7 +77,7 @@ def test_random_sigkills_lose_nothing_and_run_nothing_twice(
         stop.set()
         sender.join()
     t0 = time.monotonic()
-    results = {h.id: h.get(timeout=TIMEOUT) for h in handles}  # none lost
+    results = {h.id: result_of(h, redis_client, TIMEOUT) for h in handles}  # none lost
     print(f"{len(handles)} tasks, {KILLS} kills; the last result came "
           f"{time.monotonic() - t0:.1f}s after the stream stopped")
 

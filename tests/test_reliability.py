@@ -22,7 +22,16 @@ from kombu.exceptions import OperationalError
 
 from producer import DeadLettered, generate, generate_many
 from tests.conftest import MAX_DELIVERIES, VISIBILITY_TIMEOUT
-from tests.harness import PROBE, Fleet, WorkerProc, alive, engine_info, engine_probe, wait_until
+from tests.harness import (
+    PROBE,
+    Fleet,
+    WorkerProc,
+    alive,
+    engine_info,
+    engine_probe,
+    result_of,
+    wait_until,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -275,7 +284,7 @@ def test_get_timeout_leaves_the_task_running(faults: FaultFleet) -> None:
 
 
 def test_redis_restart(faults: FaultFleet, workers_ab: tuple[WorkerProc, WorkerProc],
-                       redis_server: Any) -> None:
+                       redis_server: Any, redis_client: Any) -> None:
     worker = faults.worker()
     handles = _burst(100, "restart")
     time.sleep(0.5)
@@ -288,7 +297,8 @@ def test_redis_restart(faults: FaultFleet, workers_ab: tuple[WorkerProc, WorkerP
         time.sleep(2)
     finally:  # whatever failed above, later tests get their Redis back
         redis_server.start()
-    results = [h.get(timeout=TIMEOUT) for h in handles]  # queued before the restart: none lost
+    # Queued before the restart: none lost.
+    results = [result_of(h, redis_client, TIMEOUT) for h in handles]
     assert all(r["completion_tokens"] >= 1 for r in results)
     for model in ("tiny", "tiny-b", MODEL):  # every worker consumes again
         after = generate.delay("after", model=model, max_tokens=2).get(timeout=120)
