@@ -60,8 +60,7 @@ class VLLMEngine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[EngineRequest, Future[EngineOutput]]] = []
         self._aborts: list[str] = []
-        self._pings: list[threading.Event] = []
-        # Calls that must run on the engine thread between steps (sleep, wake up).
+        # Calls that must run on the engine thread between steps (ping, sleep, wake up).
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._dead: BaseException | None = None
@@ -107,29 +106,28 @@ class VLLMEngine:
 
     def ping(self, timeout: float) -> bool:
         """Answered by the engine thread between two engine steps: a dead or hung engine fails."""
-        answered = threading.Event()
-        with self._cond:
-            if self._dead is not None or self._closing or not self._loaded.is_set():
-                return False
-            self._pings.append(answered)
-            self._cond.notify()
-        return answered.wait(timeout) and self._dead is None
+        try:
+            self._on_engine_thread(lambda: None).result(timeout)
+        except Exception:  # not running, stopped meanwhile, or no answer in time
+            return False
+        return self._dead is None
 
     def sleep(self) -> None:
         """vLLM's sleep mode, level 1: weights to host memory, KV cache freed."""
-        self._on_engine_thread(lambda: self._engine.sleep(level=1))
+        self._on_engine_thread(lambda: self._engine.sleep(level=1)).result()
 
     def wake_up(self) -> None:
-        self._on_engine_thread(lambda: self._engine.wake_up())
+        self._on_engine_thread(lambda: self._engine.wake_up()).result()
 
-    def _on_engine_thread(self, call: Callable[[], Any]) -> Any:
+    def _on_engine_thread(self, call: Callable[[], Any]) -> Future[Any]:
+        """Run ``call`` on the engine thread between two steps; its future holds the answer."""
         done: Future[Any] = Future()
         with self._cond:
             if self._dead is not None or self._closing or not self._loaded.is_set():
                 raise EngineFailed(f"engine unavailable: {self._dead or 'not running'}")
             self._calls.append((call, done))
             self._cond.notify()
-        return done.result()
+        return done
 
     def close(self) -> None:
         with self._cond:
@@ -234,18 +232,15 @@ class VLLMEngine:
         pending = self._pending
         while True:
             with self._cond:
-                while not (self._inbox or self._aborts or self._pings or self._calls or pending
+                while not (self._inbox or self._aborts or self._calls or pending
                            or self._closing or self._core_dead):
                     self._cond.wait()
                 if self._core_dead is not None:
                     raise self._core_dead
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-                pings, self._pings = self._pings, []
                 calls, self._calls = self._calls, []
                 closing = self._closing
-            for answered in pings:
-                answered.set()
             for call, done in calls:
                 try:
                     done.set_result(call())
