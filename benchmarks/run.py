@@ -16,8 +16,6 @@ import sys
 import time
 from typing import Any
 
-import psutil
-
 from benchmarks import processes, report
 from benchmarks.systems import fleet as fleet_system
 from benchmarks.systems import openai_server
@@ -101,7 +99,6 @@ def bench_engines(env: dict[str, str], reps: int,
         # CPU seconds per run of every process on the path: where two cores' time goes.
         cpu: dict[str, dict[str, list[float]]] = {
             "direct": {}, "worker": {}, "producer": {}, "redis": {}}
-        meters = {"producer": psutil.Process()}
         for w in [w for w in workloads() if names is None or w.name in names]:
             if worker is not None:  # warm up the fleet's path as the direct engine warmed up
                 small = Workload(w.name, w.prompts[:64], w.max_tokens[:64])
@@ -122,10 +119,10 @@ def bench_engines(env: dict[str, str], reps: int,
             if worker is not None:
                 procs = {"worker": worker, "redis": redis}
                 for _ in range(reps):
-                    cpu0 = _cpu(procs, meters)
+                    cpu0 = _cpu(procs)
                     times["delay"].setdefault(w.name, []).append(
                         fleet_system.through_delay(w, model))
-                    for who, used in _cpu(procs, meters).items():
+                    for who, used in _cpu(procs).items():
                         cpu[who].setdefault(w.name, []).append(used - cpu0[who])
             print("   " + w.name + ": " + ", ".join(
                 f"{system} {_median(t[w.name]):.3f}s" for system, t in times.items()
@@ -157,11 +154,10 @@ def _direct_run(direct: DirectEngine, name: str, cpu: dict[str, dict[str, list[f
     return elapsed
 
 
-def _cpu(procs: dict[str, Any], meters: dict[str, psutil.Process]) -> dict[str, float]:
+def _cpu(procs: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds so far of each process, and of this one: the producer."""
     used = {who: processes.cpu_s(p) for who, p in procs.items() if p is not None}
-    for who, meter in meters.items():
-        t = meter.cpu_times()
-        used[who] = t.user + t.system
+    used["producer"] = time.process_time()
     return used
 
 
