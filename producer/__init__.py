@@ -18,6 +18,7 @@ from producer.errors import (
     PromptTooLong,
     RequestRejected,
     RequestTooLarge,
+    StreamBroken,
     UnknownModel,
 )
 from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
@@ -39,6 +40,7 @@ __all__ = [
     "RequestRejected",
     "RequestTooLarge",
     "Sampling",
+    "StreamBroken",
     "UnknownModel",
     "app",
     "chat",

@@ -18,6 +18,7 @@ from celery.result import AsyncResult, ResultSet
 from producer import errors
 from producer.errors import FleetError, InvalidRequest
 from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest
+from producer.streams import TextStream
 from producer.tasks import ManyTask, ModelTask, chat_many, generate_many, item_wire
 from producer.tasks import chat as chat_task
 from producer.tasks import generate as generate_task
@@ -40,6 +41,32 @@ def chat(
 ) -> Completion:
     """Answer one conversation and wait for the result."""
     return _one(chat_task, (list(messages),), {"model": model, **params}, timeout)
+
+
+def stream_generate(prompt: str, *, model: str, timeout: float | None = None,
+                    **params: Any) -> TextStream:
+    """Complete one prompt, following the text as it is generated::
+
+        with stream_generate("Once upon a time", model="tiny", max_tokens=64) as text:
+            for piece in text:
+                print(piece, end="", flush=True)
+        print(text.completion.finish_reason)
+
+    Validated before anything is sent, like :func:`generate`; leaving the block early revokes
+    the task. A text cut off because its worker was lost raises StreamBroken (never restarted
+    or spliced text).
+    """
+    handle = generate_task.apply_async((prompt,), {"model": model, **params, "stream": True})
+    return TextStream(handle, timeout)
+
+
+def stream_chat(messages: Sequence[dict[str, Any]], *, model: str,
+                timeout: float | None = None, **params: Any) -> TextStream:
+    """Answer one conversation, following the reply as it is generated (as
+    :func:`stream_generate`). With tools offered, the reply comes whole at the end and its
+    calls are in ``completion.tool_calls``."""
+    handle = chat_task.apply_async((list(messages),), {"model": model, **params, "stream": True})
+    return TextStream(handle, timeout)
 
 
 def generate_batch(

@@ -9,7 +9,8 @@
     │   └── DeadLettered       the task killed or lost its worker max_deliveries times
     ├── FleetUnavailable       try again later; the request itself is fine
     │   ├── NoEngine           no engine serves the model right now
-    │   └── EngineFailed       the engine failed while serving the request
+    │   ├── EngineFailed       the engine failed while serving the request
+    │   └── StreamBroken       a streamed text was cut off (its worker was lost); send again
     └── ConfigError            fix the settings: the file or variable the message names
 
 Every class takes one message argument, so Celery can rebuild it from a JSON result.
@@ -56,6 +57,11 @@ class NoEngine(FleetUnavailable):
 
 class EngineFailed(FleetUnavailable):
     """The engine failed while serving the request."""
+
+
+class StreamBroken(FleetUnavailable):
+    """A streamed text was cut off before its end (its worker was lost, or its entries expired);
+    the text is never restarted or spliced, so the request must be sent again."""
 
 
 class ConfigError(FleetError):

@@ -8,7 +8,9 @@ Queues (one Redis list each, named exactly like the queue):
 
 Dead-lettered tasks (see ``workers/delivery.py``) are kept, as JSON, in the Redis list
 ``fleet.dead.<model_id>`` (no worker consumes it); messages refused as malformed in
-``fleet.dead.malformed`` (see ``producer/transport.py`` and ``workers/consumer.py``). Every
+``fleet.dead.malformed`` (see ``producer/transport.py`` and ``workers/consumer.py``). A task
+sent with ``stream=True`` has its text deltas in the Redis stream ``fleet.stream.<task_id>``
+while it generates (``producer/streams.py``). Every
 other Redis key the fleet reads or writes is named here too.
 
 A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
@@ -37,6 +39,7 @@ DEAD_LETTER_PREFIX = "fleet.dead."
 #: Redis list of messages refused as malformed (no worker consumes it).
 MALFORMED_QUEUE = DEAD_LETTER_PREFIX + "malformed"
 DELIVERIES_PREFIX = "fleet.deliveries."
+STREAM_PREFIX = "fleet.stream."
 #: Kombu's Redis transport's own keys for delivered, unacknowledged messages (its defaults,
 #: which the fleet keeps): a hash tag -> [message, exchange, routing key], and their delivery
 #: times in a sorted set.
@@ -75,6 +78,11 @@ def dead_letter_queue(model_id: str) -> str:
 def deliveries_key(task_id: str) -> str:
     """Redis counter of how often a task was redelivered (see ``workers/delivery.py``)."""
     return DELIVERIES_PREFIX + task_id
+
+
+def stream_key(task_id: str) -> str:
+    """Redis stream of a streaming task's text deltas (see ``producer/streams.py``)."""
+    return STREAM_PREFIX + task_id
 
 
 def node_name(engine_id: str, host: str | None = None) -> str:

@@ -229,6 +229,15 @@ class JsonOutput(_Frozen):
         return ResponseFormat(type="json_object") if self.return_json else None
 
 
+class Streaming(_Frozen):
+    """Whether the caller follows the text as it is generated."""
+
+    stream: bool | None = None
+    """True: the worker publishes the text as it is generated, to the Redis stream
+    ``fleet.stream.<task id>`` (read it with ``producer.client.stream_generate``/``stream_chat``
+    or the gateway's ``stream: true``). A reply with tool calls comes whole at the end."""
+
+
 #: The sampling fields of every request: named as vLLM's ``SamplingParams`` fields, so the
 #: worker hands each set one to vLLM under its own name (workers/engines/vllm_options.py).
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
@@ -236,7 +245,7 @@ SAMPLING_FIELDS = frozenset(Sampling.model_fields)
 DEFAULT_MAX_TOKENS = 16
 
 
-class GenerateRequest(Sampling, JsonOutput):
+class GenerateRequest(Sampling, JsonOutput, Streaming):
     """A plain-text completion request (task ``fleet.generate``)."""
 
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -342,7 +351,7 @@ class NamedToolChoice(_Frozen):
     """The function to call."""
 
 
-class ChatRequest(Sampling, JsonOutput):
+class ChatRequest(Sampling, JsonOutput, Streaming):
     """A chat request rendered through the model's chat template (task ``fleet.chat``)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]

@@ -160,6 +160,8 @@ class FleetSettings(BaseSettings):
     worker this many times fails with DeadLettered instead of looping forever."""
     max_message_bytes: int = Field(default=8 * 2**20, ge=1024)
     """Largest task message a producer sends (its JSON body); larger requests are refused."""
+    stream_ttl_s: int = Field(default=300, ge=10)
+    """Seconds a streaming task's Redis stream of text deltas lives after its last write."""
     config: Path | None = None
     """TOML fleet config file with a ``[models.<id>]`` table per model."""
     models: dict[ModelId, ModelConfig] = Field(default_factory=dict)

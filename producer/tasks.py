@@ -111,6 +111,9 @@ class ManyTask(ModelTask):
             if "model" in item:
                 raise InvalidRequest(f"requests.{i}.model: items share the batch's model; "
                                      f"leave it out")
+            if item.get("stream"):
+                raise InvalidRequest(f"requests.{i}.stream: items of a many-request are not "
+                                     f"streamed; send the requests one by one to stream them")
             try:
                 request = parse(self.item_schema, {**item, "model": envelope.model})
             except InvalidRequest as e:

@@ -38,6 +38,7 @@ from workers.engines import Engine, EngineOutput
 from workers.job import Job
 from workers.outbox import Outbox
 from workers.runtime import Runtime
+from workers.streams import StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ class Batcher:
     """Takes serving tasks from the consumer and hands each take to the engine at once."""
 
     def __init__(self, runtime: Runtime, outbox: Outbox, deliveries: Deliveries | None,
-                 hostname: str) -> None:
+                 hostname: str, streams: StreamWriter | None = None) -> None:
         self.runtime = runtime
         self.outbox = outbox
         self.deliveries = deliveries
         self.hostname = hostname
+        self.streams = streams
         self._taken: list[Job] = []
         self._received: list[tuple[Job, str, dict[str, Any]]] = []  # their events
         self._call_soon: Callable[[Callable[[], None]], Any] | None = None
@@ -151,8 +153,13 @@ class Batcher:
                              name="engine-reload", daemon=True).start()
 
     def _admit(self, jobs: list[Job]) -> list[Job]:
-        """The jobs that run; the others end here (already done, dead-lettered)."""
+        """The jobs that run; the others end here (already done, dead-lettered, or a stream
+        cut off with its worker)."""
         redelivered = [job for job in jobs if job.redelivered]
+        if not redelivered:
+            return jobs
+        jobs = self._cut_off_streams(jobs, redelivered)
+        redelivered = [job for job in redelivered if job in jobs]
         if self.deliveries is None or not redelivered:
             return jobs
         try:
@@ -167,6 +174,25 @@ class Batcher:
                 stopped.add(job.id)
                 self.outbox.put(job, verdict)
         return [job for job in jobs if job.id not in stopped]
+
+    def _cut_off_streams(self, jobs: list[Job], redelivered: list[Job]) -> list[Job]:
+        """A redelivered streaming task whose stream had begun fails instead of running again:
+        its reader already holds part of a text that a second run would not continue."""
+        streaming = [job for job in redelivered if job.kwargs.get("stream") is True]
+        if self.streams is None or not streaming:
+            return jobs
+        try:
+            begun = self.streams.started([job.id for job in streaming])
+        except Exception:  # Redis away: the run goes on; its reader sees a new run and stops
+            log.warning("could not check the streams of redelivered tasks", exc_info=True)
+            return jobs
+        cut = {job.id for job, yes in zip(streaming, begun, strict=True) if yes}
+        for job in streaming:
+            if job.id in cut:
+                self.outbox.put(job, EngineFailed(
+                    "stream: the worker streaming this task was lost mid-stream; the text "
+                    "is not restarted (send the request again)"))
+        return [job for job in jobs if job.id not in cut]
 
     def _submit_when_ready(self, jobs: list[Job]) -> None:
         try:

@@ -35,6 +35,7 @@ from workers.lease import Lease
 from workers.outbox import Outbox
 from workers.pinning import check_gpu_choice, cuda_build, host_gpus, parse_gpus, pin_gpus
 from workers.runtime import Runtime
+from workers.streams import StreamWriter
 from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class EngineStep(bootsteps.StartStopStep):
         self.outbox: Outbox | None = None
         self.unloader: IdleUnloader | None = None
         self.lease: Lease | None = None
+        self.streams: StreamWriter | None = None
         self._consumer_ready = threading.Event()
 
     def create(self, worker: Any) -> None:
@@ -109,6 +111,8 @@ class EngineStep(bootsteps.StartStopStep):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
         deliveries = Deliveries(max_deliveries=settings.max_deliveries,
                                 ttl_s=settings.result_expires)
+        self.streams = streams = StreamWriter(redis.Redis.from_url(settings.backend_url),
+                                              settings.stream_ttl_s)
         self.runtime = runtime = Runtime(
             model_id=naming.check_id(self.model, what="--model"),
             engine_id=self.engine_id or worker.hostname.split("@", 1)[0],
@@ -116,10 +120,11 @@ class EngineStep(bootsteps.StartStopStep):
             gpus=gpu_ids,
             deliveries=deliveries,
             on_failure=lambda reason: self._stop_failed(worker),
+            stream_opener=streams.opener,
         )
-        self.outbox = Outbox(runtime, deliveries)
+        self.outbox = Outbox(runtime, deliveries, streams)
         worker.runtime = runtime
-        worker.batcher = Batcher(runtime, self.outbox, deliveries, worker.hostname)
+        worker.batcher = Batcher(runtime, self.outbox, deliveries, worker.hostname, streams)
         for name in naming.FLEET_TASKS:
             worker.app.tasks[name].executor = runtime.execute
         self.lease = Lease(redis.Redis.from_url(settings.broker_url), settings.visibility_timeout)
@@ -129,6 +134,8 @@ class EngineStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         assert self.runtime is not None and self.outbox is not None
         self.outbox.start()
+        if self.streams is not None:
+            self.streams.start()
         if self.lease is not None:
             self.lease.start()
         loader = threading.Thread(
@@ -146,6 +153,8 @@ class EngineStep(bootsteps.StartStopStep):
                 time.sleep(0.05)
         if self.outbox is not None:
             self.outbox.stop()
+        if self.streams is not None:
+            self.streams.stop()
 
     def terminate(self, worker: Any) -> None:
         """Cold shutdown: what is held comes back to the queue after the visibility timeout."""

@@ -42,6 +42,7 @@ from producer.tasks import short_repr
 from workers.delivery import AlreadyDone, Deliveries
 from workers.job import Job
 from workers.runtime import Runtime
+from workers.streams import StreamWriter
 from workers.work import Revoked, check_revoked
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,13 @@ log = logging.getLogger(__name__)
 class Outbox(threading.Thread):
     """Stores finished jobs' results together, then acknowledges them together."""
 
-    def __init__(self, runtime: Runtime, deliveries: Deliveries | None) -> None:
+    def __init__(self, runtime: Runtime, deliveries: Deliveries | None,
+                 streams: StreamWriter | None = None) -> None:
         super().__init__(name="outbox", daemon=True)
         self.runtime = runtime
         self.deliveries = deliveries
+        #: Marks the end of streaming tasks' streams once their results are stored.
+        self.streams = streams
         self._done: deque[tuple[Job, BaseException | None]] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -131,6 +135,8 @@ class Outbox(threading.Thread):
             stored.append((job.id, value, state, tb))
             events.append((job, *_event(job, state, value, tb)))
         self._store_and_acknowledge(stored, acked, requeued)
+        if self.streams is not None:
+            self.streams.end([job.id for job in acked if job.kwargs.get("stream") is True])
         self.events(events)
         for job in acked + requeued:
             worker_state.task_ready(job)

@@ -61,6 +61,7 @@ class Runtime:
         self, *, model_id: str, engine_id: str, config: ModelConfig, gpus: list[str],
         deliveries: Deliveries | None = None,
         on_failure: Callable[[str], None] = lambda reason: None,
+        stream_opener: Callable[[str], Callable[[str], None]] | None = None,
     ) -> None:
         self.model_id = model_id
         self.engine_id = engine_id
@@ -72,7 +73,7 @@ class Runtime:
         self.last_active = time.monotonic()
         self._tp = config.tensor_parallel_size or len(gpus) or 1
         #: Turns serving tasks into engine requests and engine outputs into results.
-        self.planner = Planner(model_id, engine_id, config)
+        self.planner = Planner(model_id, engine_id, config, stream_opener)
         #: Called once, on the engine thread, when the engine died or failed to reload: the
         #: worker stops consuming and exits non-zero so its supervisor restarts it.
         self.on_failure = on_failure

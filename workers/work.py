@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from producer.errors import FleetError, InvalidRequest, UnknownModel
@@ -66,10 +66,14 @@ _SAMPLING = set(SAMPLING_FIELDS)  # pydantic's include takes a set
 class Planner:
     """Plans the engine requests of one model's serving tasks and reads back their results."""
 
-    def __init__(self, model_id: str, engine_id: str, config: ModelConfig) -> None:
+    def __init__(self, model_id: str, engine_id: str, config: ModelConfig,
+                 stream_opener: Callable[[str], Callable[[str], None]] | None = None) -> None:
         self.model_id = model_id
         self.engine_id = engine_id
         self.config = config
+        #: The text callback of a streaming task, by task id (``StreamWriter.opener``); None:
+        #: this worker publishes no streams.
+        self.stream_opener = stream_opener
         self._defaults = config.defaults.model_dump(exclude_none=True)  # the model's knobs
 
     def prepare(self, task: Any, task_id: str, kwargs: dict[str, Any]) -> Work:
@@ -80,7 +84,12 @@ class Planner:
 
     def prepare_one(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> Work:
-        request, reply = self._engine_request(parse(schema, kwargs), task_id)
+        validated = parse(schema, kwargs)
+        request, reply = self._engine_request(validated, task_id)
+        # A reply with tool calls is read from the whole text: it comes whole, in the result.
+        if (validated.stream and self.stream_opener is not None
+                and (reply is None or reply.tool_choice == "none")):
+            request = replace(request, on_text=self.stream_opener(task_id))
 
         def answer(futures: Sequence[Future[EngineOutput]]) -> dict[str, Any]:
             return self._completion(futures[0].result(), request.request_id, reply)
@@ -96,6 +105,8 @@ class Planner:
         for i, item in enumerate(envelope.requests):
             try:
                 request = parse(schema, {**item, "model": envelope.model})
+                if request.stream:
+                    raise InvalidRequest("stream: items of a many-request are not streamed")
                 sent, reply = self._engine_request(request, f"{task_id}:{i}")
                 valid.append(sent)
                 reading.append(reply)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +17,9 @@ class EngineRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None  # for the chat template (OpenAI's shape)
+    #: Called on the engine's thread with each new piece of the text while it is generated
+    #: (a streaming request); it must return at once.
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,9 @@ class FakeEngine:
                          self.max_model_len - len(words))
         out = (words or ["empty"]) * (max_tokens // max(len(words), 1) + 1)
         text = " ".join(out[:max_tokens])
+        if request.on_text is not None:  # a streaming request: one delta a word, as tokens come
+            for i, word in enumerate(out[:max_tokens]):
+                request.on_text(word if i == 0 else " " + word)
         return EngineOutput(text, "length", len(words), max_tokens)
 
     def abort(self, request_ids: Sequence[str]) -> None:

@@ -47,6 +47,29 @@ def _request_error(error: Exception) -> FleetError:
     return InvalidRequest(f"{type(error).__name__}: {error}")
 
 
+class _Pending:
+    """A request inside the engine: who waits for it, and how much of a streamed text has
+    been handed out."""
+
+    __slots__ = ("futures", "on_text", "prompt_tokens", "sent")
+
+    def __init__(self, future: Future[EngineOutput], prompt_tokens: int,
+                 on_text: Callable[[str], None] | None) -> None:
+        self.futures = [future]
+        self.prompt_tokens = prompt_tokens
+        self.on_text = on_text
+        self.sent = 0
+
+    def stream(self, text: str) -> None:
+        """Hand out what ``text`` (the whole text so far) adds to what was handed out."""
+        if self.on_text is not None and len(text) > self.sent:
+            delta, self.sent = text[self.sent:], len(text)
+            try:
+                self.on_text(delta)
+            except Exception:  # a reader's trouble never stops the engine
+                log.exception("streaming a delta failed")
+
+
 class VLLMEngine:
     """A vLLM engine with continuous batching across callers."""
 
@@ -70,8 +93,8 @@ class VLLMEngine:
         self._stats = EngineStats()
         self._engine: Any = None
         self._tokenizer: Any = None
-        # Requests inside the engine, by request id: their futures and prompt length.
-        self._pending: dict[str, tuple[list[Future[EngineOutput]], int]] = {}
+        # Requests inside the engine, by request id.
+        self._pending: dict[str, _Pending] = {}
 
     # --- the caller's side -------------------------------------------------------------------
 
@@ -262,23 +285,29 @@ class VLLMEngine:
                 self._stats.max_running = max(self._stats.max_running, running)
                 self._stats.requests_served += len(finished)
                 self._stats.tokens_generated += sum(len(o.outputs[0].token_ids) for o in finished)
-            for out in finished:
-                futures, prompt_tokens = pending.pop(out.request_id)
+            for out in outputs:
+                if not out.finished:  # only streaming requests report before they finish
+                    streaming = pending.get(out.request_id)
+                    if streaming is not None:
+                        streaming.stream(out.outputs[0].text)
+                    continue
+                request = pending.pop(out.request_id)
                 completion = out.outputs[0]
+                request.stream(completion.text)
                 result = EngineOutput(
                     text=completion.text,
                     finish_reason=completion.finish_reason or "stop",
-                    prompt_tokens=prompt_tokens,
+                    prompt_tokens=request.prompt_tokens,
                     completion_tokens=len(completion.token_ids),
                     logprobs=vllm_options.token_logprobs(completion),
                 )
-                for future in futures:
+                for future in request.futures:
                     future.set_result(result)
 
     def _add_all(
         self,
         inbox: list[tuple[EngineRequest, Future[EngineOutput]]],
-        pending: dict[str, tuple[list[Future[EngineOutput]], int]],
+        pending: dict[str, _Pending],
     ) -> None:
         """Tokenize what arrived in one batch call (the fast tokenizer's batch path costs a
         fraction of one call per prompt), then add each request on its own."""
@@ -304,14 +333,15 @@ class VLLMEngine:
         request: EngineRequest,
         future: Future[EngineOutput],
         ids: list[int],
-        pending: dict[str, tuple[list[Future[EngineOutput]], int]],
+        pending: dict[str, _Pending],
     ) -> None:
         if request.request_id in pending:  # a redelivered copy of a request still running
-            pending[request.request_id][0].append(future)
+            pending[request.request_id].futures.append(future)
             return
         try:
             self._check_length(ids)
-            params = self._sampling_params(request.sampling, len(ids))
+            params = self._sampling_params(request.sampling, len(ids),
+                                           streaming=request.on_text is not None)
             self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params)
         except Exception as e:  # ours, or vLLM's own validation of this one request
             if _engine_dead(e):  # not this request's fault: the engine is gone
@@ -321,7 +351,7 @@ class VLLMEngine:
                 return
             future.set_exception(_request_error(e))
         else:
-            pending[request.request_id] = ([future], len(ids))
+            pending[request.request_id] = _Pending(future, len(ids), request.on_text)
 
     def _text(self, request: EngineRequest) -> tuple[str, bool]:
         """What to tokenize, and whether the tokenizer adds its special tokens to it."""
@@ -356,7 +386,8 @@ class VLLMEngine:
                 f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})"
             )
 
-    def _sampling_params(self, sampling: dict[str, Any], prompt_tokens: int) -> Any:
+    def _sampling_params(self, sampling: dict[str, Any], prompt_tokens: int, *,
+                         streaming: bool = False) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -364,11 +395,12 @@ class VLLMEngine:
         # Generation stops at the context's end anyway; saying so keeps finish_reason honest.
         room = self.max_model_len - prompt_tokens
         kwargs["max_tokens"] = min(int(kwargs.get("max_tokens", DEFAULT_MAX_TOKENS)), room)
-        return SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
+        # A streaming request reports its whole text so far after every step (vLLM holds back
+        # what could still turn into a stop string), so each delta is what the text added.
+        kind = RequestOutputKind.CUMULATIVE if streaming else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(**kwargs, output_kind=kind)
 
-    def _abort(
-        self, request_ids: list[str], pending: dict[str, tuple[list[Future[EngineOutput]], int]]
-    ) -> None:
+    def _abort(self, request_ids: list[str], pending: dict[str, _Pending]) -> None:
         ids = [i for i in request_ids if i in pending]
         if not ids:
             return
@@ -376,9 +408,9 @@ class VLLMEngine:
         aborted = [pending.pop(request_id) for request_id in ids]
         with self._cond:
             self._stats.running = len(pending)  # before the callers hear; no step may follow
-        for futures, prompt_tokens in aborted:
-            for future in futures:
-                future.set_result(EngineOutput("", "abort", prompt_tokens, 0))
+        for request in aborted:
+            for future in request.futures:
+                future.set_result(EngineOutput("", "abort", request.prompt_tokens, 0))
 
     def _shutdown(self) -> None:
         with self._cond:
@@ -390,8 +422,8 @@ class VLLMEngine:
         reason = f"engine died: {self._dead!r}" if self._dead else "engine stopped"
         for _, future in leftovers:
             future.set_exception(EngineFailed(f"{reason} before serving the request"))
-        for futures, _ in self._pending.values():
-            for future in futures:
+        for request in self._pending.values():
+            for future in request.futures:
                 future.set_exception(EngineFailed(f"{reason} while serving the request"))
         self._pending.clear()
         engine, self._engine = self._engine, None
