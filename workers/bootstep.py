@@ -110,7 +110,7 @@ class EngineStep(bootsteps.StartStopStep):
         deliveries = Deliveries(max_deliveries=settings.max_deliveries,
                                 ttl_s=settings.result_expires)
         self.runtime = runtime = Runtime(
-            model_id=naming.check_id(self.model, what="--model"),
+            model_id=naming.check_model_id(self.model, what="--model"),
             engine_id=self.engine_id or worker.hostname.split("@", 1)[0],
             config=config,
             gpus=gpu_ids,
