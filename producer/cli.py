@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from producer.settings import get_settings
 
 cli = typer.Typer(help="vllm-fleet: share resident vLLM engines through Celery and Redis.",
                   no_args_is_help=True, add_completion=False)
+
+
+def default_engine_id(model: str, host: str) -> str:
+    """``<model>-<host>`` (the host's first label), made a plain id: the ``/`` of a Hugging Face
+    id (``Qwen/Qwen3-8B``), or any other character a node name cannot carry, becomes ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{model}-{host.split('.')[0]}")
 
 
 def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, loglevel: str,
@@ -38,7 +45,8 @@ def worker_argv(model: str, engine_id: str, gpus: str, concurrency: int, logleve
 
 @cli.command()
 def worker(
-    model: Annotated[str, typer.Option(help="Model id to serve (FLEET_MODELS, FLEET_CONFIG).")],
+    model: Annotated[str, typer.Option(
+        help="Model id or alias to serve (FLEET_MODELS, FLEET_CONFIG).")],
     engine_id: Annotated[str | None, typer.Option(help="Engine id (<model>-<host>).")] = None,
     gpus: Annotated[str, typer.Option(help="GPU ids to pin to, e.g. 0,1 (empty: CPU).")] = "",
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
@@ -48,11 +56,12 @@ def worker(
     """Start a Celery worker holding one resident engine for MODEL."""
     settings = get_settings()
     try:
-        settings.model(model)  # unknown model: fail here, with the list of known ones
+        # An unknown model fails here, with the list of known ones; an alias serves its model.
+        model = settings.resolve_model(model)
     except UnknownModel as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
     host = host or socket.gethostname()
-    engine_id = engine_id or f"{model}-{host.split('.')[0]}"
+    engine_id = engine_id or default_engine_id(model, host)
     naming.check_id(engine_id, what="--engine-id")
     if gpus:
         # Set before celery (and so torch) is imported in the new process image; indexes as

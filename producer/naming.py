@@ -15,6 +15,11 @@ other Redis key the fleet reads or writes is named here too.
 
 A worker's node name is ``<engine_id>@<host>``, so ``celery control ... -d <engine_id>@<host>``
 targets exactly one engine.
+
+Ids: an engine id is plain (``ID_PATTERN``: letters, digits, ``.``, ``_``, ``-``), since it is
+part of a node name. A model id is written as Hugging Face writes it (``MODEL_ID_PATTERN``): a
+plain id, or two joined by one ``/`` (``Qwen/Qwen3-8B``, queue ``fleet.model.Qwen/Qwen3-8B``);
+Redis keys and kombu queue names take the slash as it is.
 """
 
 from __future__ import annotations
@@ -46,23 +51,38 @@ STREAM_PREFIX = "fleet.stream."
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 
-# Model and engine ids end up in Redis keys, queue names and node names: keep them plain.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_PLAIN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+# Engine ids end up in node names (<engine_id>@<host>), where only plain characters are safe.
+ID_PATTERN = rf"^{_PLAIN}$"
+#: A Hugging Face id (``org/name``) or a plain one; each part is at most 128 characters.
+MODEL_ID_PATTERN = rf"^{_PLAIN}(?:/{_PLAIN})?$"
+# fullmatch: "$" alone would also accept a trailing newline.
 _ID_RE = re.compile(ID_PATTERN)
+_MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 
 
 def check_id(value: str, *, what: str) -> str:
-    """Return ``value`` if it is a valid model or engine id, else raise ValueError."""
-    if not _ID_RE.match(value):
+    """Return ``value`` if it is a valid engine id (a plain id), else raise ValueError."""
+    if not _ID_RE.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} must match {ID_PATTERN} (letters, digits, '.', '_', '-')"
         )
     return value
 
 
+def check_model_id(value: str, *, what: str = "model id") -> str:
+    """Return ``value`` if it is a valid model id (plain, or ``org/name``), else ValueError."""
+    if not _MODEL_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} must match {MODEL_ID_PATTERN} (letters, digits, '.', '_', '-', "
+            f"and at most one '/' between two parts, as in Qwen/Qwen3-8B)"
+        )
+    return value
+
+
 def model_queue(model_id: str) -> str:
     """Queue that carries the tasks of one model."""
-    return MODEL_QUEUE_PREFIX + check_id(model_id, what="model id")
+    return MODEL_QUEUE_PREFIX + check_model_id(model_id)
 
 
 def engine_queue(engine_id: str) -> str:
@@ -72,7 +92,7 @@ def engine_queue(engine_id: str) -> str:
 
 def dead_letter_queue(model_id: str) -> str:
     """Redis list holding the dead-lettered tasks of one model (``unknown`` if it had none)."""
-    return DEAD_LETTER_PREFIX + (model_id if _ID_RE.match(model_id) else "unknown")
+    return DEAD_LETTER_PREFIX + (model_id if _MODEL_ID_RE.fullmatch(model_id) else "unknown")
 
 
 def deliveries_key(task_id: str) -> str:

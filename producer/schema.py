@@ -28,7 +28,7 @@ from pydantic_core.core_schema import UnionSchema
 
 from producer.errors import InvalidRequest
 from producer.explain import describe
-from producer.naming import ID_PATTERN
+from producer.naming import ID_PATTERN, MODEL_ID_PATTERN
 
 # Hard limits of the wire format; a model's own limits (context length) are checked by its worker.
 MAX_PROMPT_CHARS = 1_000_000
@@ -41,7 +41,8 @@ MAX_TOOLS = 128  # OpenAI's limit
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_TOKEN_IDS = 1_024
 
-ModelId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ModelId = Annotated[str, StringConstraints(pattern=MODEL_ID_PATTERN)]
+EngineId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -424,7 +425,7 @@ class WarmupRequest(_Frozen):
 class StatusRequest(_Frozen):
     """Report one engine's status (task ``fleet.engine_status``, on that engine's own queue)."""
 
-    engine_id: ModelId
+    engine_id: EngineId
     """The engine to ask."""
 
 

@@ -37,7 +37,7 @@ from pydantic_settings import (
 
 from producer.errors import ConfigError, UnknownModel
 from producer.explain import segment
-from producer.naming import check_id
+from producer.naming import check_model_id
 from producer.schema import Sampling
 
 TINY_MODEL_ID = "tiny"
@@ -46,11 +46,7 @@ INVALID = "invalid fleet settings: "
 ParserName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
-def _model_id(value: str) -> str:
-    return check_id(value, what="model id")
-
-
-ModelId = Annotated[str, AfterValidator(_model_id)]
+ModelId = Annotated[str, AfterValidator(check_model_id)]
 
 
 class StructuredOutputsOptions(BaseModel):
@@ -78,6 +74,9 @@ class ModelConfig(BaseModel):
 
     model: str
     """Local directory or hub id of the weights (hub ids need the weights in the local cache)."""
+    served_model_name: list[ModelId] = Field(default_factory=list)
+    """Other names the model answers to besides its id (vLLM's ``--served-model-name``); the
+    gateway and ``/v1/models`` list them."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to ``model``."""
     engine: Literal["vllm", "fake"] = "vllm"
@@ -230,6 +229,36 @@ class FleetSettings(BaseSettings):
             raise UnknownModel(
                 f"model {model_id!r} is not configured (known: {sorted(self.all_models())})"
             ) from None
+
+    def resolve_model(self, name: str) -> str:
+        """The id of the model that ``name`` (its id or one of its aliases) names."""
+        try:
+            return _model_names(self.models)[name]
+        except KeyError:
+            raise UnknownModel(
+                f"model {name!r} is not configured (known: {sorted(self.all_models())})"
+            ) from None
+
+    @field_validator("models")
+    @classmethod
+    def _names_are_unique(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        # Checked when the settings are read: a clash is a ConfigError naming both models, not
+        # requests for one model quietly served by the other.
+        _model_names(models)
+        return models
+
+
+def _model_names(models: dict[str, ModelConfig]) -> dict[str, str]:
+    """Every name a model answers to (its id, its aliases) -> its id; ValueError on a clash."""
+    names = {TINY_MODEL_ID: TINY_MODEL_ID} | {model_id: model_id for model_id in models}
+    for model_id, config in models.items():
+        for alias in config.served_model_name:
+            owner = names.setdefault(alias, model_id)
+            if owner != model_id:
+                what = "the id" if alias == owner else "an alias"
+                raise ValueError(f"served_model_name {alias!r} of model {model_id!r} is "
+                                 f"already {what} of model {owner!r}")
+    return names
 
 
 def tiny_model_config(path: Path) -> ModelConfig:

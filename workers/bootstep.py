@@ -114,7 +114,7 @@ class EngineStep(bootsteps.StartStopStep):
         self.streams = streams = StreamWriter(redis.Redis.from_url(settings.backend_url),
                                               settings.stream_ttl_s)
         self.runtime = runtime = Runtime(
-            model_id=naming.check_id(self.model, what="--model"),
+            model_id=naming.check_model_id(self.model, what="--model"),
             engine_id=self.engine_id or worker.hostname.split("@", 1)[0],
             config=config,
             gpus=gpu_ids,

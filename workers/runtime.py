@@ -260,6 +260,7 @@ class Runtime:
         return {
             "engine_id": self.engine_id,
             "model": self.model_id,
+            "aliases": list(self.config.served_model_name),
             "engine": self.config.engine,
             "state": self.state,
             "gpus": self.gpus,
