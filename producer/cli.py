@@ -98,6 +98,33 @@ def flower(
     os.execv(sys.executable, argv)
 
 
+@cli.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Address (default FLEET_GATEWAY_ADDRESS).")
+                    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FLEET_GATEWAY_PORT).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Start without API keys.")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)
+    in front of the fleet, behind the bearer keys of FLEET_GATEWAY_API_KEYS."""
+    import logging
+
+    import uvicorn
+
+    from producer.gateway.app import create_app
+
+    settings = get_settings()
+    if not settings.gateway_api_keys and not insecure:
+        raise typer.BadParameter(
+            'set FLEET_GATEWAY_API_KEYS (JSON: {"name": "key"}), or pass --insecure',
+            param_hint="credentials",
+        )
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings, insecure=insecure), host=host or settings.gateway_address,
+                port=port or settings.gateway_port, log_level=loglevel, access_log=False)
+
+
 ENGINE_COLUMNS = ("engine_id", "node", "model", "gpus", "state", "running", "requests_served",
                   "tokens_generated", "uptime_s", "queue_depth")
 

@@ -193,6 +193,16 @@ class FleetSettings(BaseSettings):
     flower_port: int = 5555
     """Port Flower listens on."""
 
+    gateway_address: str = "127.0.0.1"
+    """Address the OpenAI-compatible gateway (``fleet gateway``) binds to."""
+    gateway_port: int = 8000
+    """Port the gateway listens on."""
+    gateway_api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    """Bearer keys the gateway accepts, by name (JSON: ``{"app-a": "sk-..."}``); the name is
+    what its logs and metrics show. Empty: the gateway starts only with ``--insecure``."""
+    gateway_timeout_s: float = Field(default=600.0, gt=0)
+    """Seconds the gateway waits for a task; then it answers 504 and revokes the task."""
+
     @classmethod
     def settings_customise_sources(
         cls,

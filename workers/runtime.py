@@ -269,6 +269,8 @@ class Runtime:
             "loads": self.loads,
             "idle_unload_s": self.config.idle_unload_s,
             "idle_mode": self.config.idle_mode,
+            # The context length the engine runs with (None until it first loaded).
+            "max_model_len": getattr(self.engine, "max_model_len", None) or None,
             "in_flight": self._inflight,
             "running": stats.running,
             "max_running": stats.max_running,
