@@ -60,7 +60,7 @@ def test_every_env_example_variable_is_used_and_every_used_one_is_defined() -> N
 def test_fleet_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
     group = get_command(cli)
     services = _fleet_services(compose)
-    assert {"worker-llama-0", "worker-qwen-1", "flower"} <= set(services)
+    assert {"worker-llama-0", "worker-qwen-1", "flower", "gateway"} <= set(services)
     for name, svc in services.items():
         _, sub, *args = svc["command"]
         ctx = group.make_context("fleet", [sub, *args])
@@ -114,6 +114,16 @@ def test_fleet_variables_are_settings_the_project_reads(
             assert tp in (None, len(gpus))
 
 
+def test_every_fleet_service_mounts_the_config_file_it_names(compose: dict[str, Any]) -> None:
+    # Every fleet command reads the settings, and a FLEET_CONFIG naming no file is a ConfigError.
+    for name, svc in _fleet_services(compose).items():
+        config = svc["environment"].get("FLEET_CONFIG")
+        if config is None:
+            continue
+        targets = [str(v).split(":")[1] for v in svc.get("volumes", [])]
+        assert config in targets, f"{name}: FLEET_CONFIG {config} is not mounted"
+
+
 def test_redis_has_password_aof_and_no_eviction(compose: dict[str, Any]) -> None:
     command = compose["services"]["redis"]["command"]
     assert "--requirepass" in command
@@ -126,3 +136,29 @@ def test_flower_is_behind_auth_and_published_on_loopback(compose: dict[str, Any]
     assert flower["environment"]["FLEET_FLOWER_USER"]
     assert flower["environment"]["FLEET_FLOWER_PASSWORD"]
     assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+
+
+def test_gateway_is_behind_keys_published_on_loopback_and_health_checked(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = compose["services"]["gateway"]
+    command = gateway["command"]
+    assert command[:2] == ["fleet", "gateway"] and "--insecure" not in command
+    # All interfaces inside the container; the host publishes it on its loopback only.
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert gateway["ports"] and all(str(p).startswith("127.0.0.1:") for p in gateway["ports"])
+    for key in [k for k in list(__import__("os").environ) if k.startswith("FLEET_")]:
+        monkeypatch.delenv(key)
+    for key, value in gateway["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("FLEET_CONFIG", str(COMPOSE / "fleet.example.toml"))
+    settings = FleetSettings()
+    assert settings.gateway_api_keys  # it refuses to start without keys
+    published = {str(p).rsplit(":", 1)[1] for p in gateway["ports"]}
+    assert published == {str(settings.gateway_port)}
+    # The health check asks the gateway's own /health, with a tool the image has.
+    check = gateway["healthcheck"]
+    test = " ".join(check["test"])
+    assert check["test"][:2] == ["CMD", "python3"]
+    assert f"http://127.0.0.1:{settings.gateway_port}/health" in test
+    assert check["interval"] and check["retries"]
