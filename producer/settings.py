@@ -198,10 +198,20 @@ class FleetSettings(BaseSettings):
     gateway_port: int = 8000
     """Port the gateway listens on."""
     gateway_api_keys: dict[str, SecretStr] = Field(default_factory=dict)
-    """Bearer keys the gateway accepts, by name (JSON: ``{"app-a": "sk-..."}``); the name is
-    what its logs and metrics show. Empty: the gateway starts only with ``--insecure``."""
+    """Bearer keys the gateway accepts, by name (JSON: ``{"app-a": "sk-..."}``): one per
+    application, so one can be replaced alone. Empty: the gateway starts only with
+    ``--insecure``."""
     gateway_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds the gateway waits for a task; then it answers 504 and revokes the task."""
+
+    @model_validator(mode="after")
+    def _streams_outlive_redelivery(self) -> FleetSettings:
+        # A redelivered streaming task is refused when its stream has begun; a stream that
+        # expired before the redelivery would let a second run generate the text again.
+        if self.stream_ttl_s <= self.visibility_timeout:
+            raise ValueError(f"stream_ttl_s ({self.stream_ttl_s}) must be above "
+                             f"visibility_timeout ({self.visibility_timeout})")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -50,6 +50,19 @@ kv_cache_memory_bytes = 268435456
 model = "chaos"
 engine = "fake"
 
+[models.gw-fake]
+model = "gw-fake"
+engine = "fake"
+served_model_name = ["test-org/gw-fake"]
+
+[models.gw-slow]
+model = "gw-slow"
+engine = "fake"
+
+[models.gw-none]
+model = "gw-none"
+engine = "fake"
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

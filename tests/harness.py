@@ -184,3 +184,55 @@ def result_of(handle: Any, redis_client: Any, timeout: float) -> Any:
             f"no result for {handle.id} after {timeout:.0f}s: stored result {stored!r}; "
             f"unacknowledged delivery tags {held}; queued in {queued}; deliveries counted "
             f"{redis_client.get(f'fleet.deliveries.{handle.id}')!r}") from None
+
+
+GATEWAY_KEY = "sk-test-gateway"
+
+
+@dataclass
+class GatewayProc:
+    """One `fleet gateway` process on a free loopback port, with the key GATEWAY_KEY."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(env: dict[str, str], logdir: Path, name: str = "gateway") -> GatewayProc:
+    """`fleet gateway` against the session's Redis; returns once /health answers."""
+    import urllib.request
+
+    from producer.localredis import free_port
+
+    port = free_port()
+    log_path = logdir / f"{name}.log"
+    env = {**env, "FLEET_GATEWAY_API_KEYS": f'{{"tests": "{GATEWAY_KEY}"}}'}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "gateway", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    gateway = GatewayProc(process, f"http://127.0.0.1:{port}", log_path)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited {process.returncode}:\n{gateway.log()}")
+        try:
+            urllib.request.urlopen(gateway.url + "/health", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, 60, "the gateway to answer /health")
+    return gateway

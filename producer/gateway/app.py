@@ -53,7 +53,7 @@ def status_of(error: BaseException) -> int:
         return 500
     if isinstance(error, errors.RequestRejected):
         return 400
-    if isinstance(error, errors.FleetUnavailable):
+    if isinstance(error, errors.FleetUnavailable | TaskRevokedError):
         return 503
     return 500
 
@@ -140,26 +140,31 @@ class Gateway:
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    async def model_of(self, call: Call) -> str:
-        """The model id a call names; 404 if the fleet does not serve it, 503 if no engine of
-        it is live now."""
+    def model_of(self, call: Call) -> str:
+        """The model id a call names; 404 if the fleet does not serve it."""
         try:
-            model = self.models.resolve(call.model)
+            return self.models.resolve(call.model)
         except errors.UnknownModel:
             raise ApiError(404, f"The model `{call.model}` does not exist.", param="model",
                            code="model_not_found") from None
+
+    async def require_engine(self, call: Call, model: str) -> None:
+        """503 (with Retry-After) unless an engine of ``model`` is live now."""
         if not await self.models.live_now(model):
             raise ApiError(503, f"no engine of model {call.model!r} is live now; try again "
                                 f"later", code="NoEngine",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        return model
 
-    async def send(self, task: Any, request: Any) -> str:
-        """Enqueue a validated request; its task id."""
-        task_id = str(uuid.uuid4())
+    def timed_out(self) -> ApiError:
+        return ApiError(504, f"the fleet did not answer within "
+                             f"{self.settings.gateway_timeout_s:g}s (FLEET_GATEWAY_TIMEOUT_S); "
+                             f"the task was revoked", code="timeout")
+
+    async def send(self, task: Any, request: Any, task_id: str) -> None:
+        """Enqueue a validated request under ``task_id``."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.senders, lambda: task.send(request, task_id=task_id))
-        return task_id
+        await loop.run_in_executor(self.senders,
+                                   functools.partial(task.send, request, task_id=task_id))
 
     def revoke(self, task_ids: list[str]) -> None:
         """Revoke without waiting (also from a cancelled coroutine): the engine aborts them."""
@@ -176,19 +181,14 @@ class Gateway:
         ids = [str(uuid.uuid4()) for _ in requests]
         waits = [await results.expect(task_id) for task_id in ids]
         try:
-            loop = asyncio.get_running_loop()
             for task_id, request in zip(ids, requests, strict=True):
-                await loop.run_in_executor(self.senders,
-                                           functools.partial(task.send, request, task_id=task_id))
+                await self.send(task, request, task_id)
             try:
                 metas = await asyncio.wait_for(asyncio.gather(*waits),
                                                self.settings.gateway_timeout_s)
             except TimeoutError:
                 self.revoke(ids)
-                raise ApiError(504, f"the fleet did not answer within "
-                                    f"{self.settings.gateway_timeout_s:.0f}s "
-                                    f"(FLEET_GATEWAY_TIMEOUT_S); the task was revoked",
-                               code="timeout") from None
+                raise self.timed_out() from None
             return [completion_of(meta, self.backend) for meta in metas]
         except asyncio.CancelledError:
             self.revoke(ids)
@@ -233,7 +233,7 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
         try:
             model = gw.models.resolve(name)
         except errors.UnknownModel:
-            return JSONResponse({"status": f"model {name!r} is not served"}, 503)
+            return JSONResponse({"status": f"model {name!r} is not served"}, 404)
         await gw.models.live_now(model)
         ready = gw.models.live(model, READY_STATES)
         if not ready:
@@ -261,7 +261,7 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
                     endpoint: str) -> Response:
         if call.ignored:
             log.warning("ignored fields of a %s request: %s", endpoint, ", ".join(call.ignored))
-        model = await gw.model_of(call)
+        model = gw.model_of(call)
         request.state.model = model
         stream = call.streams_text
         try:
@@ -272,6 +272,7 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
                 check_size(to_wire(one))
         except errors.FleetError as e:
             raise api_error(e, call) from None
+        await gw.require_engine(call, model)
         created = int(time.time())
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         response_id = prefix + uuid.uuid4().hex
@@ -303,18 +304,25 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
         head = {"id": response_id,
                 "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
                 "created": created, "model": call.model}
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()
         ids: list[str] = []
+        ended: set[int] = set()  # choices whose task finished (with a result or an error)
         finished = 0
         first = True
         status = 200
         runners: list[asyncio.Task[None]] = []
+        results = gw.results
+        assert results is not None
         flight = gw.metrics.in_flight(model)
         flight.__enter__()
         try:
             for i, one in enumerate(requests):
-                ids.append(await gw.send(task, one))
-                runners.append(asyncio.create_task(_feed(i, ids[-1], queue)))
+                task_id = str(uuid.uuid4())
+                ids.append(task_id)
+                # A reply read whole (tools, logprobs) streams nothing: wait for its result.
+                whole = None if call.streams_text else await results.expect(task_id)
+                await gw.send(task, one, task_id)
+                runners.append(asyncio.create_task(_feed(i, task_id, queue, whole)))
             if endpoint == "chat":
                 yield _event({**head, "choices": [{
                     "index": 0, "delta": {"role": "assistant", "content": ""},
@@ -322,7 +330,9 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
                     "prompt_token_ids": None, "prompt_text": None})
             completions: dict[int, Completion] = {}
             while finished < len(requests):
-                index, item = await queue.get()
+                index, item, over = await queue.get()
+                if over:
+                    ended.add(index)
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, str):
@@ -336,9 +346,9 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
                 for chunk in _ending(endpoint, head, index, item, call):
                     yield _event(chunk)
             if call.include_usage:
-                done = list(completions.values())
-                yield _event(openai.usage_chunk(head, sum(c.prompt_tokens for c in done),
-                                                sum(c.completion_tokens for c in done)))
+                answered = list(completions.values())
+                yield _event(openai.usage_chunk(head, sum(c.prompt_tokens for c in answered),
+                                                sum(c.completion_tokens for c in answered)))
             gw.metrics.completed(endpoint, model, list(completions.values()),
                                  time.perf_counter() - started)
         except Exception as e:
@@ -347,32 +357,45 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
             yield _event(error.body())
             gw.metrics.finished(endpoint, model, status)
         finally:
-            if finished < len(requests):  # the client left (or the stream failed): stop them
-                gw.revoke(ids)
+            unfinished = [t for i, t in enumerate(ids) if i not in ended]
+            if unfinished:  # the client left (or the stream failed): stop them
+                gw.revoke(unfinished)
+            for task_id in ids:
+                await results.forget(task_id)
             for runner in runners:
                 runner.cancel()
             flight.__exit__(None, None, None)
         yield "data: [DONE]\n\n"
 
-    async def _feed(index: int, task_id: str, queue: asyncio.Queue[tuple[int, Any]]) -> None:
-        """Put one task's pieces, then its Completion (or its error), on ``queue``."""
+    async def _feed(index: int, task_id: str, queue: asyncio.Queue[tuple[int, Any, bool]],
+                    whole: asyncio.Future[dict[str, Any]] | None) -> None:
+        """Put one task's pieces, then its Completion or its error, on ``queue`` (with whether
+        the task finished)."""
         assert gw.results is not None
         try:
             async with asyncio.timeout(settings.gateway_timeout_s):
-                async for piece in follow(gw.redis, task_id, gw.results):
-                    queue.put_nowait((index, piece))
-                meta = await gw.results.stored(task_id)
-                while meta is None:  # the end mark follows the stored result: rarely here
-                    await asyncio.sleep(0.05)
+                if whole is not None:
+                    meta: dict[str, Any] | None = await whole
+                else:
+                    async for piece in follow(gw.redis, task_id, gw.results):
+                        queue.put_nowait((index, piece, False))
                     meta = await gw.results.stored(task_id)
-            queue.put_nowait((index, completion_of(meta, gw.backend)))
+                    while meta is None:  # the end mark follows the stored result: rarely here
+                        await asyncio.sleep(0.05)
+                        meta = await gw.results.stored(task_id)
         except TimeoutError:
-            queue.put_nowait((index, ApiError(504, "the fleet did not answer within "
-                                                   f"{settings.gateway_timeout_s:.0f}s")))
+            queue.put_nowait((index, gw.timed_out(), False))
+            return
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            queue.put_nowait((index, e))
+            queue.put_nowait((index, e, False))
+            return
+        assert meta is not None
+        try:
+            queue.put_nowait((index, completion_of(meta, gw.backend), True))
+        except Exception as e:  # the task's own error
+            queue.put_nowait((index, e, True))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

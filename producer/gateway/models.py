@@ -102,7 +102,16 @@ class ModelDirectory:
                 entry = out.setdefault(name, {
                     "id": name, "object": "model", "created": self.started,
                     "owned_by": "vllm-fleet", "root": model, "parent": None,
-                    "max_model_len": engine.get("max_model_len"), "permission": []})
+                    "max_model_len": engine.get("max_model_len"),
+                    "permission": [permission(name, self.started)]})
                 if entry["max_model_len"] is None:
                     entry["max_model_len"] = engine.get("max_model_len")
         return sorted(out.values(), key=lambda e: e["id"])
+
+
+def permission(name: str, created: int) -> dict[str, Any]:
+    """The permission entry vLLM's server lists with each model (clients may read it)."""
+    return {"id": f"modelperm-{name}", "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+            "organization": "*", "group": None, "is_blocking": False}

@@ -21,7 +21,7 @@ from producer.schema import SAMPLING_FIELDS, Completion, TokenLogprob
 #: Fields that leave the output alone: accepted, not passed on.
 ACCEPTED = frozenset({"model", "stream", "stream_options", "user", "metadata", "store",
                       "service_tier", "prompt_cache_key", "safety_identifier", "request_id",
-                      "add_generation_prompt", "return_tokens_as_token_ids", "priority"})
+                      "priority"})
 #: Fields the fleet passes on under the same name.
 CHAT_FIELDS = SAMPLING_FIELDS - {"logprobs"} | {"response_format", "tools", "tool_choice",
                                                  "parallel_tool_calls"}
@@ -41,6 +41,9 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (lambda v: v is not None, "suffix (insertion) is not supported"),
     "prompt_logprobs": (lambda v: v is not None, "prompt logprobs are not supported"),
     "continue_final_message": (bool, "continue_final_message is not supported"),
+    "add_generation_prompt": (lambda v: v is False, "the reply always opens with the "
+                              "assistant's turn (add_generation_prompt false is not supported)"),
+    "return_tokens_as_token_ids": (bool, "tokens are returned as text"),
     "chat_template": (lambda v: v is not None, "a per-request chat template is not supported "
                       "(set chat_template in the model's fleet config)"),
     "chat_template_kwargs": (bool, "chat_template_kwargs are not supported"),
@@ -213,7 +216,9 @@ def invalid(error: InvalidRequest, call: Call) -> ApiError:
 
 # --- responses --------------------------------------------------------------------------------
 
-VLLM_NULLS = {"service_tier": None, "system_fingerprint": None}
+#: What responses name as their system (vLLM's server: ``vllm-<version>-<hash>``).
+FINGERPRINT = "vllm-fleet"
+VLLM_NULLS = {"service_tier": None, "system_fingerprint": FINGERPRINT}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -308,7 +313,7 @@ def chat_chunk(head: dict[str, Any], delta: dict[str, Any], *,
     choice["token_ids"] = None
     chunk = {**head, "choices": [choice]}
     if finish_reason is not None:
-        chunk["system_fingerprint"] = None
+        chunk["system_fingerprint"] = FINGERPRINT
     return chunk
 
 
@@ -318,7 +323,7 @@ def completion_chunk(head: dict[str, Any], index: int, text: str, *,
         "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
         "stop_reason": None, "prompt_token_ids": None, "token_ids": None}]}
     if finish_reason is not None:
-        chunk["system_fingerprint"] = None
+        chunk["system_fingerprint"] = FINGERPRINT
     return chunk
 
 
@@ -326,7 +331,7 @@ def usage_chunk(head: dict[str, Any], prompt_tokens: int,
                 completion_tokens: int) -> dict[str, Any]:
     return {**head, "choices": [], "usage": {
         "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens}, "system_fingerprint": None}
+        "completion_tokens": completion_tokens}, "system_fingerprint": FINGERPRINT}
 
 
 def tool_call_deltas(c: Completion) -> list[dict[str, Any]]:
