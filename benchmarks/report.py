@@ -94,6 +94,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             "stock no-op latency p99 ms": stock_ms["p99"],
             "fake worker RSS MB": o["worker_rss_bytes"] / MB,
         }
+    if "gateway" in raw:
+        out["gateway"] = gateway(raw["gateway"])
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
@@ -115,6 +117,54 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
                                             - raw["direct"]["rss_bytes"]) / MB,
         }
     return out
+
+
+GATEWAY_SYSTEMS = {"gateway": "gateway + fleet", "server": "vLLM server"}
+CPU_LABELS = {"gateway": "gateway", "worker": "fleet worker", "server": "vLLM server"}
+
+
+def gateway(raw: dict[str, Any]) -> dict[str, float]:
+    """The fleet behind its OpenAI gateway beside vLLM's OpenAI server, on chat: throughput at
+    each one's best concurrency and the CPU it cost, time to first token, one stream's token
+    rate, and how soon a client's disconnect frees the fleet's engine."""
+    med = statistics.median
+    t = raw["throughput"]
+    name = f"{t['n']}x{t['max_tokens']} chat"
+    out: dict[str, float] = {}
+    best = best_concurrency(t)
+    for system, label in GATEWAY_SYSTEMS.items():
+        concurrency, runs = best[system]
+        out[f"{name}, {label} wall s"] = med(runs["times"])
+        out[f"{name}, {label} at concurrency"] = concurrency
+        for process, cpu in runs["cpu_s"].items():
+            out[f"{name}, {CPU_LABELS[process]} CPU per request ms"] = 1e3 * med(cpu) / t["n"]
+    out[f"{name}, gateway / server throughput"] = (
+        med(best["server"][1]["times"]) / med(best["gateway"][1]["times"]))
+    for system, label in GATEWAY_SYSTEMS.items():
+        ms = raw["first_token_ms"][system]
+        deciles = statistics.quantiles(ms, n=10, method="inclusive")
+        out[f"first token, {label} p50 ms"] = med(ms)
+        out[f"first token, {label} p10 ms"] = deciles[0]
+        out[f"first token, {label} p90 ms"] = deciles[-1]
+    out["first token p50, gateway - server ms"] = (
+        med(raw["first_token_ms"]["gateway"]) - med(raw["first_token_ms"]["server"]))
+    for system, label in GATEWAY_SYSTEMS.items():
+        out[f"one stream, {label} tokens/s"] = med(raw["tokens_per_s"][system])
+    out["one stream, gateway / server tokens/s"] = (
+        med(raw["tokens_per_s"]["gateway"]) / med(raw["tokens_per_s"]["server"]))
+    disconnect = raw["disconnect"]
+    out["client disconnect to worker in_flight 0, median ms"] = med(disconnect["ms"])
+    out["client disconnects that aborted the engine's request %"] = (
+        100 * sum(disconnect["aborted"]) / len(disconnect["aborted"]))
+    return out
+
+
+def best_concurrency(throughput: dict[str, Any]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Per system, the concurrency whose median wall time is lowest, and its runs."""
+    med = statistics.median
+    return {system: min(((int(c), runs) for c, runs in throughput[system].items()),
+                        key=lambda item: med(item[1]["times"]))
+            for system in GATEWAY_SYSTEMS}
 
 
 def _producer_cpu(o: dict[str, Any]) -> dict[str, float]:
@@ -180,12 +230,15 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("paired", "cpu", "latency", "overhead", "memory"):
+    for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway"):
         if section in figs:
             lines.append("")
-            digits = 3 if section == "paired" else 2
-            lines += [f"{k:<60}{v:>10.{digits}f}" for k, v in figs[section].items()]
+            lines += rows(figs[section], 3 if section == "paired" else 2)
     return "\n".join(lines)
+
+
+def rows(section: dict[str, float], digits: int = 2) -> list[str]:
+    return [f"{k:<60}{v:>10.{digits}f}" for k, v in section.items()]
 
 
 def write(raw: dict[str, Any]) -> None:

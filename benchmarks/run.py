@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["direct", "fleet", "openai", "naive", "overhead"])
+                        choices=["direct", "fleet", "openai", "gateway", "naive", "overhead"])
     args = parser.parse_args()
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
@@ -42,7 +42,8 @@ def main() -> None:
         if engines:
             print(f"== {' and '.join(sorted(engines))}, interleaved", flush=True)
             results.update(bench_engines(env, args.reps, engines, redis.process))
-        steps = {"openai": bench_openai, "naive": bench_naive, "overhead": bench_overhead}
+        steps = {"openai": bench_openai, "gateway": bench_gateway, "naive": bench_naive,
+                 "overhead": bench_overhead}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -197,6 +198,89 @@ def bench_openai(env: dict[str, str], reps: int) -> dict[str, Any]:
         return best
     finally:
         processes.stop(server)
+
+
+GATEWAY_CONCURRENCIES = (64, 256, 1024)
+#: The processes whose CPU a system's requests cost: the gateway and the worker, or the server
+#: with its engine's processes.
+GATEWAY_METERS = {"gateway": ("gateway", "worker"), "server": ("server",)}
+
+
+def bench_gateway(env: dict[str, str], reps: int, *, n: int = 1024,
+                  first_tokens: int = 20) -> dict[str, Any]:
+    """The fleet behind its OpenAI gateway against vLLM's OpenAI server, both resident, their
+    repetitions interleaved: non-streaming chat throughput, time to first token, one stream's
+    token rate, and how soon a client's disconnect frees the fleet's engine."""
+    from benchmarks.systems import gateway
+    from producer.client import wait_for_engine
+    from producer.engines import list_engines
+    from producer.settings import get_settings
+
+    ports = {"gateway": free_port(), "server": free_port()}
+    procs = {
+        "server": processes.spawn("openai-server-chat", openai_server.server_argv(
+            get_settings().model("tiny"), ports["server"]), env),
+        "worker": processes.fleet_worker("tiny", "bench-gw", env),
+        "gateway": processes.spawn("gateway", [
+            sys.executable, "-m", "producer.cli", "gateway", "--port", str(ports["gateway"]),
+            "--insecure", "--loglevel", "warning"], env),
+    }
+    try:
+        processes.wait_http(f"http://127.0.0.1:{ports['server']}/health", procs["server"])
+        wait_for_engine("tiny", timeout=600)
+        processes.wait_http(f"http://127.0.0.1:{ports['gateway']}/health?model=tiny",
+                            procs["gateway"])
+        node = next(e["node"] for e in list_engines("tiny") if e["engine_id"] == "bench-gw")
+        for system in GATEWAY_METERS:  # warm up both paths, streaming included
+            openai_server.run_chat(Workload("warm-up", prompts(64), [32] * 64), ports[system], 64)
+            gateway.first_token_ms(ports[system], prompts(2))
+        out = {"throughput": _chat_throughput(ports, procs, reps, n)}
+        print("   chat: " + ", ".join(
+            f"{system} {_median(runs['times']):.3f}s at concurrency {c}"
+            for system, (c, runs) in report.best_concurrency(out["throughput"]).items()),
+            flush=True)
+        long_prompt = min(prompts(16), key=len)  # 400 tokens and the prompt fit the context
+        first_ms: dict[str, list[float]] = {system: [] for system in GATEWAY_METERS}
+        rate: dict[str, list[float]] = {system: [] for system in GATEWAY_METERS}
+        disconnect: dict[str, list[Any]] = {"ms": [], "aborted": []}
+        for rep in range(reps):
+            for system in _turns(rep):
+                first_ms[system] += gateway.first_token_ms(
+                    ports[system], prompts(first_tokens, seed=100 + rep))
+                rate[system].append(gateway.tokens_per_s(ports[system], long_prompt))
+            for key, value in gateway.disconnect_ms(ports["gateway"], node, long_prompt).items():
+                disconnect[key].append(value)
+        out.update(first_token_ms=first_ms, tokens_per_s=rate, disconnect=disconnect)
+        print("\n".join("   " + row for row in report.rows(report.gateway(out))), flush=True)
+        return out
+    finally:
+        for process in procs.values():
+            processes.stop(process)
+
+
+def _turns(rep: int) -> list[str]:
+    """The systems in the order of repetition ``rep``: each goes first in turn."""
+    return list(GATEWAY_METERS) if rep % 2 == 0 else list(reversed(GATEWAY_METERS))
+
+
+def _chat_throughput(ports: dict[str, int], procs: dict[str, subprocess.Popen[bytes]],
+                     reps: int, n: int) -> dict[str, Any]:
+    """Wall and CPU seconds of n non-streaming 32-token chat requests, per system and
+    concurrency (its best is each system's figure)."""
+    w = Workload(f"{n}x32", prompts(n), [32] * n)
+    out: dict[str, Any] = {"n": n, "max_tokens": 32, **{system: {} for system in GATEWAY_METERS}}
+    for concurrency in GATEWAY_CONCURRENCIES:
+        for system in GATEWAY_METERS:
+            out[system][str(concurrency)] = {
+                "times": [], "cpu_s": {p: [] for p in GATEWAY_METERS[system]}}
+        for rep in range(reps):
+            for system in _turns(rep):
+                runs = out[system][str(concurrency)]
+                cpu0 = {p: processes.cpu_s(procs[p]) for p in GATEWAY_METERS[system]}
+                runs["times"].append(openai_server.run_chat(w, ports[system], concurrency))
+                for p in GATEWAY_METERS[system]:
+                    runs["cpu_s"][p].append(processes.cpu_s(procs[p]) - cpu0[p])
+    return out
 
 
 def bench_naive(env: dict[str, str], reps: int, n: int = 64) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.workloads import Workload
@@ -34,11 +35,30 @@ def step_budget(cfg: ModelConfig) -> int:
     return int(EngineArgs(model=cfg.model).get_batch_defaults(1)[0][UsageContext.LLM_CLASS])
 
 
-def run(w: Workload, port: int, concurrency: int) -> float:
-    return asyncio.run(_run(w, f"http://127.0.0.1:{port}/v1/completions", concurrency))
+Body = Callable[[str, int], dict[str, Any]]
+CHAT_PATH = "/v1/chat/completions"
 
 
-async def _run(w: Workload, url: str, concurrency: int) -> float:
+def completion_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+
+
+def chat_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+    # ignore_eos: every server generates exactly max_tokens, so the work compared is the same.
+    return {"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+def run(w: Workload, port: int, concurrency: int, *, path: str = "/v1/completions",
+        body: Body = completion_body) -> float:
+    return asyncio.run(_run(w, f"http://127.0.0.1:{port}{path}", concurrency, body))
+
+
+def run_chat(w: Workload, port: int, concurrency: int) -> float:
+    return run(w, port, concurrency, path=CHAT_PATH, body=chat_body)
+
+
+async def _run(w: Workload, url: str, concurrency: int, body: Body) -> float:
     import aiohttp
 
     limit = asyncio.Semaphore(concurrency)
@@ -46,9 +66,7 @@ async def _run(w: Workload, url: str, concurrency: int) -> float:
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(prompt: str, max_tokens: int) -> Any:
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
-                    "temperature": 0.0}
-            async with limit, session.post(url, json=body) as response:
+            async with limit, session.post(url, json=body(prompt, max_tokens)) as response:
                 response.raise_for_status()
                 return await response.json()
 
