@@ -182,12 +182,12 @@ def _shape(value: Any) -> Any:
     return type(value).__name__
 
 
+# Tool calls are left out: on the tiny model's random weights vLLM's server writes the call as
+# free text and is cut off by max_tokens, so it has no tool_calls to compare (the SDK parses the
+# gateway's in test_chat_with_tools).
 CALLS: list[tuple[str, dict[str, Any]]] = [
     ("chat", {"messages": HELLO, "max_tokens": 5}),
     ("chat", {"messages": HELLO, "max_tokens": 3, "logprobs": True, "top_logprobs": 2}),
-    ("chat", {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER],
-              "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-              "max_tokens": 40, "temperature": 0}),
     ("completions", {"prompt": ["hi", "yo"], "max_tokens": 3}),
     ("completions", {"prompt": "hi", "max_tokens": 3, "logprobs": 2}),
 ]
@@ -201,7 +201,7 @@ def test_shapes_match_vllms_own_server(client: Any, server: Any) -> None:
                       else api.completions.create)
             answers.append(create(model="tiny", **body).model_dump(exclude_unset=True))
         theirs, ours = (_shape(a) for a in answers)
-        assert ours == theirs, (endpoint, body, json.dumps(answers)[:3000])
+        assert ours == theirs, (endpoint, [a["choices"][0] for a in answers])
     models = [_shape(m.model_dump(exclude_unset=True)) for m in server.models.list()]
     assert _shape(client.models.list().data[0].model_dump(exclude_unset=True)) == models[0]
 

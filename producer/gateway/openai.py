@@ -311,10 +311,7 @@ def chat_chunk(head: dict[str, Any], delta: dict[str, Any], *,
     if finish_reason is not None:
         choice["stop_reason"] = None
     choice["token_ids"] = None
-    chunk = {**head, "choices": [choice]}
-    if finish_reason is not None:
-        chunk["system_fingerprint"] = FINGERPRINT
-    return chunk
+    return {**head, "choices": [choice]}
 
 
 def completion_chunk(head: dict[str, Any], index: int, text: str, *,
