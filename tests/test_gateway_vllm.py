@@ -173,12 +173,15 @@ def test_a_disconnect_aborts_the_engine_request(gateway: GatewayProc, app: Any,
                               timeout=5, arguments={"seconds": 0.0})
 
 
-def _shape(value: Any) -> Any:
-    """Keys and value types, recursively; a list by its first item."""
+def _shape(value: Any, tokens_as_keys: bool = False) -> Any:
+    """Keys and value types, recursively; a list by its first item; the completions logprobs'
+    token -> logprob maps by their value type (their keys are the tokens)."""
     if isinstance(value, dict):
-        return {k: _shape(v) for k, v in value.items()}
+        if tokens_as_keys:
+            return {"<token>": sorted({type(v).__name__ for v in value.values()})}
+        return {k: _shape(v, k == "top_logprobs") for k, v in value.items()}
     if isinstance(value, list):
-        return [_shape(value[0])] if value else []
+        return [_shape(value[0], tokens_as_keys)] if value else []
     return type(value).__name__
 
 
