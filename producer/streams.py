@@ -10,11 +10,13 @@ it handed out before (a second run of a redelivered task, entries lost).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from celery import states
 from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from producer.errors import StreamBroken
@@ -54,6 +56,18 @@ class Following:
                                f"{self.received}, got {offset}); send the request again")
         self.received += len(text)
         return text
+
+    def feed(self, replies: Any) -> tuple[list[str], bool]:
+        """The text pieces of one ``XREAD`` reply, and whether the end mark came."""
+        pieces: list[str] = []
+        for _, entries in replies or ():
+            for entry_id, fields in entries:
+                text = self.take(entry_id, fields)
+                if text is None:
+                    return pieces, True
+                if text:
+                    pieces.append(text)
+        return pieces, False
 
 
 def _text(value: Any) -> str:
@@ -95,27 +109,16 @@ class TextStream:
         return str(self.handle.id)
 
     def __iter__(self) -> Iterator[str]:
-        import time
-
         key = stream_key(self.task_id)
         following = Following()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             replies = self._client.xread({key: following.last_id}, block=POLL_MS)
-            ended = False
-            for _, entries in replies or ():
-                for entry_id, fields in entries:
-                    text = following.take(entry_id, fields)
-                    if text is None:
-                        ended = True
-                        break
-                    if text:
-                        yield text
+            pieces, ended = following.feed(replies)
+            yield from pieces
             if ended or (not replies and self.handle.ready()):
                 break
             if deadline is not None and time.monotonic() > deadline:
-                from celery.exceptions import TimeoutError as CeleryTimeout
-
                 raise CeleryTimeout(f"task {self.task_id}: no end within {self.timeout}s")
         meta = self.handle.backend.get_task_meta(self.task_id)
         self.completion = completion_of(meta, self.handle.backend)

@@ -123,15 +123,20 @@ class Gateway:
         return found
 
     async def body(self, request: Request) -> dict[str, Any]:
+        """The JSON object a request carries; 413 above the message limit (told by the
+        Content-Length before the body is read, when the client sends one)."""
         limit = self.settings.max_message_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ApiError(413, f"the request is {length} bytes, above the fleet's limit of "
-                                f"{limit} (FLEET_MAX_MESSAGE_BYTES)", code="request_too_large")
+
+        def check(size: int) -> None:
+            if size > limit:
+                raise ApiError(413, f"the request is {size} bytes, above the fleet's limit of "
+                                    f"{limit} (FLEET_MAX_MESSAGE_BYTES)", code="request_too_large")
+
+        length = request.headers.get("content-length", "")
+        if length.isdigit():
+            check(int(length))
         raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(413, f"the request is {len(raw)} bytes, above the fleet's limit of "
-                                f"{limit} (FLEET_MAX_MESSAGE_BYTES)", code="request_too_large")
+        check(len(raw))
         try:
             body = json.loads(raw)
         except ValueError as e:
@@ -305,66 +310,59 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
                 "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
                 "created": created, "model": call.model}
         queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()
-        ids: list[str] = []
+        ids = [str(uuid.uuid4()) for _ in requests]
         ended: set[int] = set()  # choices whose task finished (with a result or an error)
-        finished = 0
+        completions: dict[int, Completion] = {}
         first = True
-        status = 200
         runners: list[asyncio.Task[None]] = []
         results = gw.results
         assert results is not None
-        flight = gw.metrics.in_flight(model)
-        flight.__enter__()
-        try:
-            for i, one in enumerate(requests):
-                task_id = str(uuid.uuid4())
-                ids.append(task_id)
-                # A reply read whole (tools, logprobs) streams nothing: wait for its result.
-                whole = None if call.streams_text else await results.expect(task_id)
-                await gw.send(task, one, task_id)
-                runners.append(asyncio.create_task(_feed(i, task_id, queue, whole)))
-            if endpoint == "chat":
-                yield _event({**head, "choices": [{
-                    "index": 0, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None}],
-                    "prompt_token_ids": None, "prompt_text": None})
-            completions: dict[int, Completion] = {}
-            while finished < len(requests):
-                index, item, over = await queue.get()
-                if over:
-                    ended.add(index)
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, str):
-                    if first:
-                        gw.metrics.first_token(model, time.perf_counter() - started)
-                        first = False
-                    yield _event(_piece(endpoint, head, index, item))
-                    continue
-                finished += 1
-                completions[index] = item
-                for chunk in _ending(endpoint, head, index, item, call):
-                    yield _event(chunk)
-            if call.include_usage:
-                answered = list(completions.values())
-                yield _event(openai.usage_chunk(head, sum(c.prompt_tokens for c in answered),
-                                                sum(c.completion_tokens for c in answered)))
-            gw.metrics.completed(endpoint, model, list(completions.values()),
-                                 time.perf_counter() - started)
-        except Exception as e:
-            error = api_error(e, call)
-            status = error.status
-            yield _event(error.body())
-            gw.metrics.finished(endpoint, model, status)
-        finally:
-            unfinished = [t for i, t in enumerate(ids) if i not in ended]
-            if unfinished:  # the client left (or the stream failed): stop them
-                gw.revoke(unfinished)
-            for task_id in ids:
-                await results.forget(task_id)
-            for runner in runners:
-                runner.cancel()
-            flight.__exit__(None, None, None)
+        with gw.metrics.in_flight(model):
+            try:
+                for i, (task_id, one) in enumerate(zip(ids, requests, strict=True)):
+                    # A reply read whole (tools, logprobs) streams nothing: wait for its result.
+                    whole = None if call.streams_text else await results.expect(task_id)
+                    await gw.send(task, one, task_id)
+                    runners.append(asyncio.create_task(_feed(i, task_id, queue, whole)))
+                if endpoint == "chat":
+                    yield _event({**head, "choices": [{
+                        "index": 0, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}],
+                        "prompt_token_ids": None, "prompt_text": None})
+                while len(completions) < len(requests):
+                    index, item, over = await queue.get()
+                    if over:
+                        ended.add(index)
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, str):
+                        if first:
+                            gw.metrics.first_token(model, time.perf_counter() - started)
+                            first = False
+                        yield _event(_piece(endpoint, head, index, item))
+                        continue
+                    completions[index] = item
+                    for chunk in _ending(endpoint, head, index, item, call):
+                        yield _event(chunk)
+                if call.include_usage:
+                    answered = list(completions.values())
+                    yield _event(openai.usage_chunk(head, sum(c.prompt_tokens for c in answered),
+                                                    sum(c.completion_tokens for c in answered)))
+                gw.metrics.completed(endpoint, model, list(completions.values()),
+                                     time.perf_counter() - started)
+            except Exception as e:
+                error = api_error(e, call)
+                yield _event(error.body())
+                gw.metrics.finished(endpoint, model, error.status)
+            finally:
+                unfinished = [t for i, t in enumerate(ids) if i not in ended]
+                if unfinished:  # the client left (or the stream failed): stop them
+                    gw.revoke(unfinished)
+                if not call.streams_text:  # their results were waited for: stop listening
+                    for task_id in ids:
+                        await results.forget(task_id)
+                for runner in runners:
+                    runner.cancel()
         yield "data: [DONE]\n\n"
 
     async def _feed(index: int, task_id: str, queue: asyncio.Queue[tuple[int, Any, bool]],

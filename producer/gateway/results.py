@@ -140,12 +140,10 @@ async def follow(client: Any, task_id: str, results: Results) -> AsyncIterator[s
     following = Following()
     while True:
         replies = await client.xread({key: following.last_id}, block=POLL_MS)
-        for _, entries in replies or ():
-            for entry_id, fields in entries:
-                text = following.take(entry_id, fields)
-                if text is None:
-                    return
-                if text:
-                    yield text
+        pieces, ended = following.feed(replies)
+        for piece in pieces:
+            yield piece
+        if ended:
+            return
         if not replies and await results.stored(task_id) is not None:
             return  # it ended without an end mark (e.g. refused before it ran)
