@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import states
 from celery.backends.redis import RedisBackend
@@ -56,6 +56,15 @@ class ResultBackend(RedisBackend):
     ResultConsumer = ResultConsumer
     _extended: bool | None = None
     _script_loaded = False
+    #: Whether sending a task subscribes this process to its result's channel (Celery's
+    #: waiter, for ``AsyncResult.get()``). A process that never calls ``get()`` turns it off
+    #: (the gateway waits on its own asyncio connection): nobody would read that connection,
+    #: and the results published to it would pile up in Redis until Redis dropped it.
+    subscribe_on_send: ClassVar[bool] = True
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        if self.subscribe_on_send:
+            super().on_task_call(producer, task_id)
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:

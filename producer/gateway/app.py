@@ -87,8 +87,10 @@ class Gateway:
     async def start(self) -> None:
         import redis.asyncio
 
+        from producer.backend import ResultBackend
         from producer.celery_app import app
 
+        ResultBackend.subscribe_on_send = False  # results are waited for here, not by get()
         self.backend = app.backend
         self.redis = redis.asyncio.Redis.from_url(self.settings.backend_url,
                                                   max_connections=None)
