@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from celery import states
@@ -39,6 +39,9 @@ class Results:
         self._waiting: dict[str, tuple[asyncio.Future[dict[str, Any]], float]] = {}
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        # (Un)subscriptions asked for in one turn of the loop go in one command.
+        self._subscribing = Batch(lambda keys: self._pubsub.subscribe(*keys))
+        self._unsubscribing = Batch(lambda keys: self._pubsub.unsubscribe(*keys))
 
     async def start(self) -> None:
         self._pubsub = self.client.pubsub()
@@ -64,15 +67,14 @@ class Results:
         key = self.key(task_id)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[key] = (future, time.monotonic())
-        await self._pubsub.subscribe(key)
+        await self._subscribing.add(key)
         return future
 
     async def forget(self, task_id: str) -> None:
         """Stop waiting for ``task_id`` (its result arrived, or the caller gave up)."""
         key = self.key(task_id)
         self._waiting.pop(key, None)
-        with contextlib.suppress(Exception):
-            await self._pubsub.unsubscribe(key)
+        self._unsubscribing.add(key)  # nobody waits for it to be done
 
     async def stored(self, task_id: str) -> dict[str, Any] | None:
         """The task's stored result meta, if it finished."""
@@ -131,6 +133,32 @@ class Results:
         if keys:
             for key, raw in zip(keys, await self.client.mget(keys), strict=True):
                 self._resolve(key, self._ready(raw))
+
+
+class Batch:
+    """Keys added during one turn of the event loop, handed to ``send`` together at the next
+    turn (one Redis command for many requests)."""
+
+    def __init__(self, send: Callable[[list[str]], Awaitable[Any]]) -> None:
+        self.send = send
+        self._keys: list[str] = []
+        self._sent: asyncio.Task[None] | None = None
+
+    def add(self, key: str) -> asyncio.Future[None]:
+        """Add ``key``; the future ends once the command carrying it is written."""
+        self._keys.append(key)
+        if self._sent is None:
+            self._sent = asyncio.create_task(self._send())
+        return asyncio.shield(self._sent)
+
+    async def _send(self) -> None:
+        await asyncio.sleep(0)  # the rest of this turn's keys join
+        keys, self._keys, self._sent = self._keys, [], None
+        try:
+            await self.send(keys)
+        except Exception:  # the listener subscribes again, and the sweep reads what was stored
+            log.warning("could not (un)subscribe %d result channel(s)", len(keys),
+                        exc_info=True)
 
 
 async def follow(client: Any, task_id: str, results: Results) -> AsyncIterator[str]:
