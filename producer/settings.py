@@ -161,6 +161,10 @@ class FleetSettings(BaseSettings):
     """Largest task message a producer sends (its JSON body); larger requests are refused."""
     stream_ttl_s: int = Field(default=300, ge=10)
     """Seconds a streaming task's Redis stream of text deltas lives after its last write."""
+    stream_interval_s: float = Field(default=0.02, ge=0.0, le=1.0)
+    """Least seconds between two writes of a worker's streams: the text generated meanwhile
+    goes out together (vLLM's ``--stream-interval``, in time). The first text of an idle
+    worker goes out at once. 0: every engine step's text as soon as it is made."""
     config: Path | None = None
     """TOML fleet config file with a ``[models.<id>]`` table per model."""
     models: dict[ModelId, ModelConfig] = Field(default_factory=dict)

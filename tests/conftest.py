@@ -100,6 +100,9 @@ def fleet_env(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> di
         # Short, so the fault tests see redelivery within seconds (the default is 120 s).
         "FLEET_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
         "FLEET_MAX_DELIVERIES": str(MAX_DELIVERIES),
+        # Every engine step's text goes out on its own, so the streaming tests see it piece
+        # by piece on any machine (the interval itself: tests/test_gateway.py).
+        "FLEET_STREAM_INTERVAL_S": "0",
     }
     os.environ.update(values)
     get_settings.cache_clear()

@@ -245,6 +245,30 @@ def test_stream_entries_coalesce_and_a_second_run_breaks_the_stream(redis_client
     assert writer.started(["t-stream", "t-never"]) == [True, False]
 
 
+def test_pieces_wait_for_the_interval_but_a_first_piece_and_an_end_do_not(
+        redis_client: Any) -> None:
+    """With an interval, the text made meanwhile leaves in one entry; a stream's first piece
+    and its end mark leave at once, however recently the writer sent."""
+    from producer.naming import stream_key
+    from workers.streams import StreamWriter
+
+    writer = StreamWriter(redis_client, ttl_s=60, interval_s=2.0)
+    writer.start()
+    try:
+        key = stream_key("t-interval")
+        on_text = writer.opener("t-interval")
+        on_text("first")
+        wait_until(lambda: redis_client.xlen(key) == 1, 1.5, "the first piece, before the interval")
+        for piece in (" b", " c", " d"):
+            on_text(piece)
+        wait_until(lambda: redis_client.xlen(key) == 2, 5, "the held pieces")
+        assert redis_client.xrange(key)[1][1][b"t"] == b" b c d"  # one entry for the three
+        writer.end(["t-interval"])
+        wait_until(lambda: redis_client.xlen(key) == 3, 1.5, "the end mark, before the interval")
+    finally:
+        writer.stop()
+
+
 def test_a_worker_lost_mid_stream_ends_the_stream_with_an_error(
         fleet_env: dict[str, str], app: Any, gateway: GatewayProc,
         tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -112,7 +112,7 @@ class EngineStep(bootsteps.StartStopStep):
         deliveries = Deliveries(max_deliveries=settings.max_deliveries,
                                 ttl_s=settings.result_expires)
         self.streams = streams = StreamWriter(redis.Redis.from_url(settings.backend_url),
-                                              settings.stream_ttl_s)
+                                              settings.stream_ttl_s, settings.stream_interval_s)
         self.runtime = runtime = Runtime(
             model_id=naming.check_model_id(self.model, what="--model"),
             engine_id=self.engine_id or worker.hostname.split("@", 1)[0],
