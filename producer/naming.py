@@ -33,6 +33,9 @@ GENERATE_MANY_TASK = "fleet.generate_many"
 CHAT_MANY_TASK = "fleet.chat_many"
 WARMUP_TASK = "fleet.warmup"
 ENGINE_STATUS_TASK = "fleet.engine_status"
+#: Message header with the time (Unix seconds) a fleet producer sent the task: a worker's
+#: ``fleet_task_queue_seconds`` is measured from it.
+SENT_AT_HEADER = "fleet_sent_at"
 #: Every task a fleet worker runs; a message naming any other (Celery's built-ins included) is
 #: refused, whatever queue it came on.
 FLEET_TASKS = frozenset({GENERATE_TASK, CHAT_TASK, GENERATE_MANY_TASK, CHAT_MANY_TASK,

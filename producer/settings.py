@@ -177,6 +177,12 @@ class FleetSettings(BaseSettings):
     task_events: bool = True
     """Workers send Celery task events (what Flower shows per task); three extra Redis writes
     per task."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of each worker's Prometheus ``/metrics`` (the fleet's ``fleet_*`` metrics and
+    vLLM's own ``vllm:*``; 0: a free port, shown by ``fleet engines``). Unset: no metrics, and
+    vLLM's stat logging stays off."""
+    metrics_address: str = "127.0.0.1"
+    """Address a worker's ``/metrics`` binds to (``0.0.0.0`` for a Prometheus elsewhere)."""
     engine_multiprocessing: bool = False
     """Run vLLM's engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING). Off: the
     engine lives in the worker process, so it cannot outlive it."""

@@ -9,6 +9,7 @@ declared lazily, so importing this module reads no settings.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -75,6 +76,8 @@ class ModelTask(Task):
         # its saferepr, about a tenth of a millisecond of each .delay(); a plain repr does.
         options.setdefault("argsrepr", "()")
         options.setdefault("kwargsrepr", short_repr(wire))
+        options["headers"] = {**(options.get("headers") or {}),
+                              naming.SENT_AT_HEADER: time.time()}
         return super().apply_async((), wire, **options)
 
     def execute(self, kwargs: dict[str, Any]) -> Any:

@@ -26,12 +26,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state
 
 from producer.errors import EngineFailed, FleetError
+from producer.naming import SENT_AT_HEADER
 from producer.tasks import ChatTask, GenerateTask, ManyTask
 from workers.delivery import Deliveries
 from workers.engines import Engine, EngineOutput
@@ -39,6 +40,9 @@ from workers.job import Job
 from workers.outbox import Outbox
 from workers.runtime import Runtime
 from workers.streams import StreamWriter
+
+if TYPE_CHECKING:
+    from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,10 @@ class Batcher:
     """Takes serving tasks from the consumer and hands each take to the engine at once."""
 
     def __init__(self, runtime: Runtime, outbox: Outbox, deliveries: Deliveries | None,
-                 hostname: str, streams: StreamWriter | None = None) -> None:
+                 hostname: str, streams: StreamWriter | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.runtime = runtime
+        self.metrics = metrics
         self.outbox = outbox
         self.deliveries = deliveries
         self.hostname = hostname
@@ -104,6 +110,8 @@ class Batcher:
                 "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id")})
             if job.id in revoked or (headers.get("expires") and _expired(headers["expires"])):
                 log.info("Discarding revoked task: %s[%s]", job.name, job.id)  # Celery's words
+                if self.metrics is not None:
+                    self.metrics.taken([headers.get(SENT_AT_HEADER)])
                 outbox.events([received])
                 return outbox.put(job, TaskRevokedError(
                     "revoked" if job.id in revoked else "expired"))
@@ -129,6 +137,8 @@ class Batcher:
         events, self._received = self._received, []
         if not jobs:
             return
+        if self.metrics is not None:
+            self.metrics.taken(job.message.headers.get(SENT_AT_HEADER) for job in jobs)
         jobs = self._admit(jobs)
         events += [(job, "task-started", {}) for job in jobs]
         self.outbox.events(events)
@@ -158,6 +168,8 @@ class Batcher:
         redelivered = [job for job in jobs if job.redelivered]
         if not redelivered:
             return jobs
+        if self.metrics is not None:
+            self.metrics.redelivered.inc(len(redelivered))
         jobs = self._cut_off_streams(jobs, redelivered)
         redelivered = [job for job in redelivered if job in jobs]
         if self.deliveries is None or not redelivered:

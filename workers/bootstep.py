@@ -121,10 +121,19 @@ class EngineStep(bootsteps.StartStopStep):
             deliveries=deliveries,
             on_failure=lambda reason: self._stop_failed(worker),
             stream_opener=streams.opener,
+            log_stats=settings.metrics_port is not None,
         )
-        self.outbox = Outbox(runtime, deliveries, streams)
+        metrics = None
+        if settings.metrics_port is not None:
+            from workers.metrics import WorkerMetrics
+
+            model = runtime.model_id
+            metrics = WorkerMetrics(runtime, lambda: queue_depths({model})[model])
+            runtime.metrics_url = metrics.serve(settings.metrics_address, settings.metrics_port)
+        self.outbox = Outbox(runtime, deliveries, streams, metrics)
         worker.runtime = runtime
-        worker.batcher = Batcher(runtime, self.outbox, deliveries, worker.hostname, streams)
+        worker.batcher = Batcher(runtime, self.outbox, deliveries, worker.hostname, streams,
+                                 metrics)
         for name in naming.FLEET_TASKS:
             worker.app.tasks[name].executor = runtime.execute
         self.lease = Lease(redis.Redis.from_url(settings.broker_url), settings.visibility_timeout)

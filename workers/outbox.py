@@ -30,7 +30,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import states
 from celery.exceptions import TaskRevokedError
@@ -45,14 +45,19 @@ from workers.runtime import Runtime
 from workers.streams import StreamWriter
 from workers.work import Revoked, check_revoked
 
+if TYPE_CHECKING:
+    from workers.metrics import WorkerMetrics
+
 log = logging.getLogger(__name__)
 
 class Outbox(threading.Thread):
     """Stores finished jobs' results together, then acknowledges them together."""
 
     def __init__(self, runtime: Runtime, deliveries: Deliveries | None,
-                 streams: StreamWriter | None = None) -> None:
+                 streams: StreamWriter | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         super().__init__(name="outbox", daemon=True)
+        self.metrics = metrics
         self.runtime = runtime
         self.deliveries = deliveries
         #: Marks the end of streaming tasks' streams once their results are stored.
@@ -134,12 +139,26 @@ class Outbox(threading.Thread):
                 continue
             stored.append((job.id, value, state, tb))
             events.append((job, *_event(job, state, value, tb)))
+        self._count(stored, acked)
         self._store_and_acknowledge(stored, acked, requeued)
         if self.streams is not None:
             self.streams.end([job.id for job in acked if job.kwargs.get("stream") is True])
         self.events(events)
         for job in acked + requeued:
             worker_state.task_ready(job)
+
+    def _count(self, stored: list[tuple[str, Any, str, str | None]], acked: list[Job]) -> None:
+        """Tasks ended with an error (``fleet engines``) and every end (``/metrics``)."""
+        failures = sum(state == states.FAILURE for _, _, state, _ in stored)
+        self.runtime.tasks_failed += failures  # this thread is the only writer
+        if self.metrics is None:
+            return
+        now = time.time()
+        began = {job.id: job.time_start for job in acked if job.time_start is not None}
+        self.metrics.finished(
+            (state, type(value).__name__ if state == states.FAILURE else None,
+             now - began[task_id] if task_id in began else None)
+            for task_id, value, state, _ in stored)
 
     def _let_go(self, jobs: list[Job]) -> None:
         """Stop holding jobs that could not be finished: the lease no longer renews them and

@@ -62,6 +62,7 @@ class Runtime:
         deliveries: Deliveries | None = None,
         on_failure: Callable[[str], None] = lambda reason: None,
         stream_opener: Callable[[str], Callable[[str], None]] | None = None,
+        log_stats: bool = False,
     ) -> None:
         self.model_id = model_id
         self.engine_id = engine_id
@@ -80,6 +81,12 @@ class Runtime:
         #: Counts deliveries (redelivery and poison checks); None: every delivery runs.
         self.deliveries = deliveries
         self._failed = threading.Event()
+        #: The engine records vLLM's own metrics (the worker serves /metrics).
+        self.log_stats = log_stats
+        #: Where the worker serves its Prometheus metrics (None: not served).
+        self.metrics_url: str | None = None
+        #: Tasks this worker ended with an error (counted by its outbox).
+        self.tasks_failed = 0
         self.revokes = RevokeWatcher()
         self.engine: Engine = self._build()
         self._ready = threading.Event()
@@ -89,7 +96,7 @@ class Runtime:
 
     def _build(self) -> Engine:
         return build_engine(self.model_id, self.config, tensor_parallel_size=self._tp,
-                            on_death=self._engine_died)
+                            on_death=self._engine_died, log_stats=self.log_stats)
 
     def _engine_died(self, error: BaseException) -> None:
         self.fail(f"engine died: {error!r}")
@@ -161,6 +168,11 @@ class Runtime:
             self.release(count)
             raise
         return self.engine
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of tasks this worker holds: handed to the engine or about to be."""
+        return self._inflight
 
     def release(self, count: int = 1) -> None:
         with self._lock:
@@ -272,10 +284,15 @@ class Runtime:
             # The context length the engine runs with (None until it first loaded).
             "max_model_len": getattr(self.engine, "max_model_len", None) or None,
             "in_flight": self._inflight,
+            # As the engine's scheduler counts them after its last step.
             "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": round(stats.kv_cache_usage, 4),
             "max_running": stats.max_running,
             "requests_served": stats.requests_served,
             "tokens_generated": stats.tokens_generated,
+            "tasks_failed": self.tasks_failed,
+            "metrics_url": self.metrics_url,
         }
 
     def warmup(self, model: str) -> dict[str, Any]:

@@ -16,11 +16,13 @@ def build_engine(
     *,
     tensor_parallel_size: int,
     on_death: Callable[[BaseException], None] | None = None,
+    log_stats: bool = False,
 ) -> Engine:
     """The engine named by the model's config (not started yet).
 
     ``on_death`` is called on the engine's own thread when a started engine dies, before the
-    requests it held are failed.
+    requests it held are failed. ``log_stats``: the engine records its own metrics (vLLM's
+    Prometheus metrics) for the worker's ``/metrics``.
     """
     if config.engine == "fake":
         from workers.engines.fake import FakeEngine
@@ -30,4 +32,4 @@ def build_engine(
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size,
-                      on_death=on_death)
+                      on_death=on_death, log_stats=log_stats)

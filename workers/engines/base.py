@@ -37,7 +37,9 @@ class EngineOutput:
 class EngineStats:
     """Counters an engine keeps about itself."""
 
-    running: int = 0
+    running: int = 0  # requests the engine is generating for now
+    waiting: int = 0  # requests inside the engine waiting for a place in its running batch
+    kv_cache_usage: float = 0.0  # share of the KV cache in use (0 where the engine has none)
     max_running: int = 0
     requests_served: int = 0
     tokens_generated: int = 0

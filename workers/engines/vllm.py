@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from copy import copy
 from typing import Any
 
 from producer.errors import EngineFailed, FleetError, InvalidRequest, PromptTooLong
@@ -47,6 +48,12 @@ def _request_error(error: Exception) -> FleetError:
     return InvalidRequest(f"{type(error).__name__}: {error}")
 
 
+def in_process_scheduler(engine: Any) -> Any:
+    """The scheduler of an ``LLMEngine`` whose engine core runs in this process, else None."""
+    core = getattr(engine.engine_core, "engine_core", None)
+    return getattr(core, "scheduler", None)
+
+
 class _Pending:
     """A request inside the engine: who waits for it, and how much of a streamed text has
     been handed out."""
@@ -74,8 +81,14 @@ class VLLMEngine:
     """A vLLM engine with continuous batching across callers."""
 
     def __init__(self, model_id: str, config: ModelConfig, *, tensor_parallel_size: int,
-                 on_death: Callable[[BaseException], None] | None = None) -> None:
+                 on_death: Callable[[BaseException], None] | None = None,
+                 log_stats: bool = False) -> None:
         self.model_id = model_id
+        #: Whether vLLM's stat logging runs (the vllm: metrics of the worker's /metrics). It
+        #: also runs with the engine core in its own process (``_build``), where the
+        #: scheduler's counts reach this process only through it.
+        self.log_stats = log_stats
+        self._log_stats_on = log_stats
         self.on_death = on_death
         self.config = config
         self.tensor_parallel_size = tensor_parallel_size
@@ -124,8 +137,7 @@ class VLLMEngine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            s = self._stats
-            return EngineStats(s.running, s.max_running, s.requests_served, s.tokens_generated)
+            return copy(self._stats)
 
     def ping(self, timeout: float) -> bool:
         """Answered by the engine thread between two engine steps: a dead or hung engine fails."""
@@ -187,7 +199,7 @@ class VLLMEngine:
             self._shutdown()
 
     def _build(self) -> Any:
-        from vllm import EngineArgs
+        from vllm import EngineArgs, envs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -207,6 +219,7 @@ class VLLMEngine:
         }
         if c.idle_mode == "sleep":
             check_sleep_mode()
+        self._log_stats_on = self.log_stats or envs.VLLM_ENABLE_V1_MULTIPROCESSING
         args = EngineArgs(
             model=c.model,
             enable_sleep_mode=c.idle_mode == "sleep",
@@ -216,14 +229,30 @@ class VLLMEngine:
             hf_overrides=dict(c.hf_overrides),
             trust_remote_code=c.trust_remote_code,
             seed=c.seed,
-            disable_log_stats=True,
+            # The scheduler's counts reach the fleet through a stat logger (and vLLM's own
+            # Prometheus logger records the vllm: metrics); the model is named by its fleet id.
+            disable_log_stats=not self._log_stats_on,
+            served_model_name=[self.model_id],
             **optional,
             **vllm_options.engine_kwargs(c),  # structured outputs; checks parser and template
         )
         # vllm.LLM's defaults, as the fleet serves batches: LLMEngine's own context leaves
         # the per-step token budget at 2,048 (half of LLM's on CPU), which needs about 1.5x
         # the engine steps of LLM.generate for the same batch (71 against 48 for 1,024 x 32).
-        return LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        loggers = None
+        if self._log_stats_on:
+            from workers.engines.vllm_figures import figures_factory
+
+            loggers = [figures_factory(self._scheduler_figures)]
+        return LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS,
+                                          stat_loggers=loggers)
+
+    def _scheduler_figures(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        """After each engine step (on the engine thread), as vLLM's scheduler counted them."""
+        with self._cond:
+            stats = self._stats
+            stats.running, stats.waiting, stats.kv_cache_usage = running, waiting, kv_cache_usage
+            stats.max_running = max(stats.max_running, running)
 
     def _watch_core_processes(self) -> None:
         """With the engine core in processes of its own (``FLEET_ENGINE_MULTIPROCESSING``),
@@ -253,6 +282,9 @@ class VLLMEngine:
 
     def _serve(self) -> None:
         pending = self._pending
+        # Without stat logging, the scheduler's counts are read from the in-process engine core
+        # after each step (two list lengths); with it, a stat logger receives them.
+        scheduler = None if self._log_stats_on else in_process_scheduler(self._engine)
         while True:
             with self._cond:
                 while not (self._inbox or self._aborts or self._calls or pending
@@ -277,14 +309,18 @@ class VLLMEngine:
                 if closing:
                     return
                 continue
-            running = len(pending)
             outputs = self._engine.step()
             finished = [out for out in outputs if out.finished]
             with self._cond:
-                self._stats.running = running
-                self._stats.max_running = max(self._stats.max_running, running)
-                self._stats.requests_served += len(finished)
-                self._stats.tokens_generated += sum(len(o.outputs[0].token_ids) for o in finished)
+                stats = self._stats
+                stats.requests_served += len(finished)
+                stats.tokens_generated += sum(len(o.outputs[0].token_ids) for o in finished)
+                if scheduler is not None:
+                    running, stats.waiting = scheduler.get_request_counts()
+                    stats.running, stats.kv_cache_usage = running, scheduler.get_kv_cache_usage()
+                    stats.max_running = max(stats.max_running, running)
+                if len(finished) == len(pending):  # a stat logger's last count was before them
+                    stats.running = stats.waiting = 0
             for out in outputs:
                 if not out.finished:  # only streaming requests report before they finish
                     streaming = pending.get(out.request_id)
