@@ -143,9 +143,10 @@ def fleet(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def workers_ab(fleet: Fleet, app: Any) -> tuple[WorkerProc, WorkerProc]:
-    """Engine a1 serving `tiny` and engine b1 serving `tiny-b` (pinned to GPU id 0), each with
-    the engine probe (tests/engine_probe.py) loaded."""
-    a = fleet.start("tiny", "a1", include=PROBE)
+    """Engine a1 serving `tiny` with its /metrics on (vLLM's stat logging on) and engine b1
+    serving `tiny-b` (pinned to GPU id 0) without, each with the engine probe
+    (tests/engine_probe.py) loaded."""
+    a = fleet.start("tiny", "a1", include=PROBE, env={"FLEET_METRICS_PORT": "0"})
     b = fleet.start("tiny-b", "b1", gpus="0", include=PROBE)
     fleet.wait_ready(app, a, b)
     return a, b
