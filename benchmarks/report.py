@@ -96,6 +96,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         }
     if "gateway" in raw:
         out["gateway"] = gateway(raw["gateway"])
+    if "metrics" in raw:
+        out["metrics"] = metrics(raw["metrics"])
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
@@ -156,6 +158,25 @@ def gateway(raw: dict[str, Any]) -> dict[str, float]:
     out["client disconnect to worker in_flight 0, median ms"] = med(disconnect["ms"])
     out["client disconnects that aborted the engine's request %"] = (
         100 * sum(disconnect["aborted"]) / len(disconnect["aborted"]))
+    return out
+
+
+def metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """A worker's CPU per task with its metrics on (and scraped) and off, runs interleaved:
+    the medians and the on/off ratio of each interleaved pair (median, lowest, highest)."""
+    med = statistics.median
+    name = f"{raw['n']}x{raw['max_tokens']} .delay()"
+    on, off = raw["on"], raw["off"]
+    out: dict[str, float] = {}
+    for side, runs in (("on", on), ("off", off)):
+        out[f"{name}, worker CPU per task, metrics {side} ms"] = 1e3 * med(runs["cpu_s"]) / raw["n"]
+        out[f"{name}, wall, metrics {side} s"] = med(runs["times"])
+    pairs = [a / b for a, b in zip(on["cpu_s"], off["cpu_s"], strict=True)]
+    out[f"{name}, worker CPU on / off, paired median"] = med(pairs)
+    out[f"{name}, worker CPU on / off, paired lowest"] = min(pairs)
+    out[f"{name}, worker CPU on / off, paired highest"] = max(pairs)
+    out[f"{name}, wall on / off, paired median"] = med(
+        a / b for a, b in zip(on["times"], off["times"], strict=True))
     return out
 
 
@@ -230,10 +251,10 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway"):
+    for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway", "metrics"):
         if section in figs:
             lines.append("")
-            lines += rows(figs[section], 3 if section == "paired" else 2)
+            lines += rows(figs[section], 3 if section in ("paired", "metrics") else 2)
     return "\n".join(lines)
 
 

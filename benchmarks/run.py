@@ -30,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["direct", "fleet", "openai", "gateway", "naive", "overhead"])
+                        choices=["direct", "fleet", "openai", "gateway", "naive", "overhead",
+                                 "metrics"])
     args = parser.parse_args()
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
@@ -43,7 +44,7 @@ def main() -> None:
             print(f"== {' and '.join(sorted(engines))}, interleaved", flush=True)
             results.update(bench_engines(env, args.reps, engines, redis.process))
         steps = {"openai": bench_openai, "gateway": bench_gateway, "naive": bench_naive,
-                 "overhead": bench_overhead}
+                 "overhead": bench_overhead, "metrics": bench_metrics}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -308,6 +309,12 @@ def bench_overhead(env: dict[str, str], reps: int) -> dict[str, Any]:
     from benchmarks.systems import overhead
 
     return overhead.measure(env, reps)
+
+
+def bench_metrics(env: dict[str, str], reps: int) -> dict[str, Any]:
+    from benchmarks.systems import metrics
+
+    return metrics.measure(env, reps)
 
 
 if __name__ == "__main__":

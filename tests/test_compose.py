@@ -6,6 +6,7 @@ CLI parser and the real settings object.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,69 @@ def test_gateway_is_behind_keys_published_on_loopback_and_health_checked(
     assert check["test"][:2] == ["CMD", "python3"]
     assert f"http://127.0.0.1:{settings.gateway_port}/health" in test
     assert check["interval"] and check["retries"]
+
+
+def _workers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in _fleet_services(compose).items()
+            if svc["command"][1] == "worker"}
+
+
+def test_prometheus_scrapes_every_worker_and_the_gateway(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]}
+            for job in config["scrape_configs"]}
+    workers = _workers(compose)
+    assert workers
+    for svc in workers.values():
+        env = svc["environment"]
+        # Listening inside the compose network, published nowhere.
+        assert env["FLEET_METRICS_ADDRESS"] == "0.0.0.0"
+        assert not any(str(p).endswith(f":{env['FLEET_METRICS_PORT']}")
+                       for p in svc.get("ports", []))
+    assert jobs["fleet-workers"] == {f"{name}:{svc['environment']['FLEET_METRICS_PORT']}"
+                                     for name, svc in workers.items()}
+    gateway_port = compose["services"]["gateway"]["environment"]["FLEET_GATEWAY_PORT"]
+    assert jobs["fleet-gateway"] == {f"gateway:{gateway_port}"}
+    prometheus = compose["services"]["prometheus"]
+    assert any(v.startswith("./prometheus.yml:") for v in prometheus["volumes"])
+    assert all(str(p).startswith("127.0.0.1:") for p in prometheus["ports"])
+
+
+def dashboard_metrics() -> dict[str, set[str]]:
+    """The metric names the Grafana dashboard asks for, by the scrape job they come from."""
+    dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "fleet.json").read_text())
+    by_job: dict[str, set[str]] = {"fleet-workers": set(), "fleet-gateway": set()}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name in re.findall(r"\b(vllm:[a-z_:]+|fleet_[a-z_]+)(?=[{\[)\s])", expr):
+                name = re.sub(r"_(bucket|count|sum)$", "", name)
+                gateway = 'job="fleet-gateway"' in expr or name.startswith("fleet_gateway_")
+                by_job["fleet-gateway" if gateway else "fleet-workers"].add(name)
+    return by_job
+
+
+def test_grafana_is_provisioned_with_the_fleet_dashboard(compose: dict[str, Any]) -> None:
+    from producer.gateway.metrics import Metrics
+
+    grafana = compose["services"]["grafana"]
+    assert all(str(p).startswith("127.0.0.1:") for p in grafana["ports"])
+    env = grafana["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] and env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"]
+                  if v.startswith("./"))
+    assert mounts["./grafana/dashboards"] == "/var/lib/grafana/dashboards"
+    provider = yaml.safe_load(
+        (COMPOSE / "grafana/provisioning/dashboards/fleet.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == mounts["./grafana/dashboards"]
+    source = yaml.safe_load(
+        (COMPOSE / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    source = source["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/fleet.json").read_text())
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {
+        source["uid"]}
+    # The gateway's metrics the dashboard reads are the ones it exports (the workers' are
+    # checked against a live worker in tests/test_metrics.py).
+    exported = {m.name for m in Metrics().registry.collect()}  # counters without _total
+    assert {re.sub(r"_total$", "", n) for n in dashboard_metrics()["fleet-gateway"]} <= exported

@@ -6,6 +6,7 @@ Engine a1 of the session runs with FLEET_METRICS_PORT=0 (vLLM's stat logging on)
 
 from __future__ import annotations
 
+import re
 import threading
 import urllib.request
 from typing import Any
@@ -18,6 +19,7 @@ from producer import generate
 from producer.client import generate_batch
 from producer.errors import PromptTooLong
 from tests.harness import WorkerProc, engine_info, wait_until
+from tests.test_compose import dashboard_metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -100,6 +102,10 @@ def test_worker_metrics_move_with_the_work_and_agree_with_fleet_engines(
     assert (after_info["requests_served"] - info["requests_served"]
             == delta("vllm:request_success_total", **vllm_labels))
     assert value(after, "fleet_queue_depth", model="tiny") == 0
+    # Every worker metric the compose Grafana dashboard reads is one a worker exports.
+    exported = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name, _ in after}
+    wanted = {re.sub(r"_total$", "", name) for name in dashboard_metrics()["fleet-workers"]}
+    assert wanted <= exported, wanted - exported
 
 
 @pytest.mark.engine
