@@ -125,8 +125,9 @@ def gateway(
                 port=port or settings.gateway_port, log_level=loglevel, access_log=False)
 
 
-ENGINE_COLUMNS = ("engine_id", "node", "model", "gpus", "state", "running", "requests_served",
-                  "tokens_generated", "uptime_s", "queue_depth")
+ENGINE_COLUMNS = ("engine_id", "node", "model", "gpus", "state", "in_flight", "running",
+                  "waiting", "requests_served", "tokens_generated", "tasks_failed", "uptime_s",
+                  "queue_depth", "metrics_url")
 
 
 @cli.command()
