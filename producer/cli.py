@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -152,6 +153,49 @@ def engines(
     for engine in found:
         table.add_row(*(str(engine.get(column, "")) for column in ENGINE_COLUMNS))
     Console().print(table)
+
+
+@cli.command()
+def top(
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between two refreshes.")
+                        ] = 1.0,
+    window: Annotated[float, typer.Option(min=0.1, help="Seconds the rates are taken over.")
+                      ] = 5.0,
+    model: Annotated[str | None, typer.Option(help="Only this model's engines and queue.")
+                     ] = None,
+    timeout: Annotated[float, typer.Option(min=0.05, help="Seconds to wait for replies.")
+                       ] = 0.5,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Print one snapshot and exit (as when stdout is not a terminal).")] = False,
+) -> None:
+    """A live view of every engine and model queue of the fleet; q quits."""
+    from kombu.exceptions import OperationalError
+    from rich.console import Console
+
+    from producer.top import Poller
+    from producer.topview import print_once, watch
+
+    settings = get_settings()
+    if model is not None:
+        # A model configured on the workers only is taken as named: its engines still show.
+        with contextlib.suppress(UnknownModel):
+            model = settings.resolve_model(model)
+        try:
+            naming.check_model_id(model, what="model")
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--model") from None
+    poller = Poller(settings.all_models(), model=model, window=window, timeout=timeout)
+    console = Console()
+    try:
+        if once or not console.is_terminal:
+            print_once(poller, interval=interval, console=console)
+        else:
+            watch(poller, interval=interval, console=console)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C quits as q does; watch has restored the terminal on the way out
+    except OperationalError as e:  # the broker is down or refuses us: nothing to show
+        typer.echo(f"fleet top: cannot reach the broker: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @cli.command()

@@ -63,6 +63,14 @@ engine = "fake"
 model = "gw-none"
 engine = "fake"
 
+[models.top-fake]
+model = "top-fake"
+engine = "fake"
+
+[models.top-none]
+model = "top-none"
+engine = "fake"
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512
