@@ -40,9 +40,11 @@ class FakeEngine:
             except Exception as e:  # this request's own error, as the vLLM engine fails it
                 future.set_exception(e)
             futures.append(future)
+        tokens = sum(f.result().completion_tokens for f in futures if f.exception() is None)
         with self._lock:
             self._stats.max_running = max(self._stats.max_running, len(requests))
             self._stats.requests_served += len(requests)
+            self._stats.tokens_generated += tokens
         return futures
 
     def _answer(self, request: EngineRequest) -> EngineOutput:
