@@ -38,6 +38,7 @@ from tornado import template, web
 from tornado.ioloop import IOLoop
 
 from producer import naming
+from producer.engines import list_engines
 from producer.settings import FleetSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,7 @@ class FleetWorkerView(WorkerView):
         if not isinstance(engine, dict):
             return page
         return insert(page, WORKER_ANCHOR, TEMPLATES.load("flower_engine.html").generate(
-            rows=engine_rows(engine), prefix=self._prefix()))
-
-    def _prefix(self) -> str:
-        return url_prefix(self.application.options.url_prefix)
+            rows=engine_rows(engine)))
 
 
 class FleetWorkersView(FleetQueues, WorkersView):
@@ -147,8 +145,6 @@ class FleetWorkersView(FleetQueues, WorkersView):
         # when someone opens a worker page or asks for a refresh, so an engine's state in it may
         # be minutes old. One broadcast answers for every engine within the inspect timeout,
         # run in Flower's executor so the server keeps serving meanwhile.
-        from producer.engines import list_engines
-
         timeout = self.application.options.inspect_timeout / 1000.0
         error = None
         try:
@@ -156,12 +152,12 @@ class FleetWorkersView(FleetQueues, WorkersView):
                 None, partial(list_engines, timeout=timeout))
         except Exception as e:  # the broker is down: the page still shows what Flower has
             log.warning("could not list the engines: %s", e)
-            engines, error = [], f"engines: {e}"
+            engines, error = [], "engines"
         try:
             queues = await self.get_broker().queues(self.get_active_queue_names())
         except Exception as e:
             log.warning("could not read the queues: %s", e)
-            queues, error = [], f"queues: {e}"
+            queues, error = [], "queues"
         served: dict[str, list[str]] = {}
         for engine in engines:
             for queue in (naming.MODEL_QUEUE_PREFIX + engine["model"],
