@@ -9,7 +9,7 @@ EXTRAS ?= worker,cpu,flower,gateway,dev,bench
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast bench gpu-check lint clean
+.PHONY: setup chromium demo test test-fast bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -30,12 +30,17 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/fleet demo
 
-test: setup
+# The browser test (tests/test_flower.py) drives Debian's headless Chromium; only tests need it.
+chromium:
+	@command -v chromium >/dev/null || { echo "installing chromium"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: setup chromium
 	$(PY) -m pytest
 
 # What needs no vLLM engine (schema, settings, Redis I/O, the runtime and workers on the fake
 # engine, tool-call parsing, the fake side of the engine contract): about a minute.
-test-fast: setup
+test-fast: setup chromium
 	$(PY) -m pytest -m "not engine"
 
 bench: setup

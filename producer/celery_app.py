@@ -10,6 +10,7 @@ import ssl
 from typing import Any
 
 from celery import Celery
+from celery.app.amqp import AMQP as CeleryAMQP
 
 from producer.settings import FleetSettings, get_settings
 
@@ -99,5 +100,18 @@ def restore_interval(visibility_timeout: int) -> int:
     return max(1, min(10, visibility_timeout // 4))
 
 
-app = Celery("vllm_fleet")
+class AMQP(CeleryAMQP):
+    """Celery's messaging layer, with connections named by their URL's scheme (see
+    :class:`producer.transport.Connection`)."""
+
+    @property
+    def Connection(self) -> type:
+        # Imported on first use: the transport's imports would add a tenth of the producer's
+        # import time, and a process that never connects never needs them.
+        from producer.transport import Connection
+
+        return Connection
+
+
+app = Celery("vllm_fleet", amqp=AMQP)
 app.add_defaults(lambda: celery_config(get_settings()))

@@ -75,9 +75,10 @@ def worker(
 
 
 def flower_argv(port: int | None, insecure: bool) -> list[str]:
-    """The ``celery flower`` command line, with basic auth from the settings."""
+    """The command line of the fleet's Flower (``producer/flower.py``: ``celery -A producer
+    flower`` with the fleet's pages), with basic auth from the settings."""
     s = get_settings()
-    argv = [sys.executable, "-m", "celery", "-A", "producer", "flower",
+    argv = [sys.executable, "-m", "producer.flower",
             f"--address={s.flower_address}", f"--port={port or s.flower_port}"]
     if s.flower_user and s.flower_password:
         argv.append(f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}")

@@ -23,7 +23,8 @@ Two costs of kombu's transport are cut, both on the path of every task:
   message is taken at once.
 
 Selected by the fleet's Celery config (``broker_transport``); ``redis://`` and ``rediss://`` URLs
-work unchanged.
+work unchanged. :class:`Connection` names such a connection by its URL's scheme, as tools that
+read the broker's URL (Flower) expect.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
+from operator import itemgetter
 from typing import Any
 
+import kombu
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -352,3 +355,28 @@ class Transport(kombu_redis.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         self.loop = loop
         super().register_with_event_loop(connection, loop)
+
+
+#: The fields kombu's ``Connection.as_uri`` builds a URL from, the transport's name last.
+_URI_FIELDS = itemgetter("port", "userid", "password", "virtual_host", "transport")
+
+
+class Connection(kombu.Connection):
+    """A kombu connection whose URL names a Redis broker ``redis://`` (``rediss://`` with TLS).
+
+    Kombu writes the transport's name as the URL's scheme, here the class path
+    ``producer.transport:Transport``; Flower picks its queue reader by that scheme and knows
+    none by that name. The URL is all that changes: the connection still uses
+    :class:`Transport`.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**",
+               getfields: Any = None) -> str:
+        if getfields is not None or not isinstance(self.transport, kombu_redis.Transport):
+            return str(super().as_uri(include_password, mask, getfields or _URI_FIELDS))
+        scheme = "rediss" if self.ssl else "redis"  # ssl: broker_use_ssl or the URL's ssl_*
+
+        def fields(info: dict[str, Any]) -> tuple[Any, ...]:
+            return (*_URI_FIELDS(info)[:-1], scheme)
+
+        return str(super().as_uri(include_password, mask, fields))

@@ -71,6 +71,14 @@ engine = "fake"
 model = "top-none"
 engine = "fake"
 
+[models.flower-fake]
+model = "flower-fake"
+engine = "fake"
+
+[models.flower-none]
+model = "flower-none"
+engine = "fake"
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

@@ -129,3 +129,57 @@ def test_vllm_names_the_engine_core_watcher_reads() -> None:
     assert "isinstance(outputs, Exception)" in inspect.getsource(
         core_client.SyncMPClient.get_output)
     assert issubclass(EngineDeadError, Exception)
+
+
+def test_the_flower_names_the_fleets_pages_rely_on() -> None:
+    """producer/flower.py subclasses Flower's views, puts its routes ahead of Flower's and
+    inserts its fragments at two places of Flower's pages; producer/transport.py's Connection
+    names the broker's URL through kombu's ``as_uri``."""
+    import functools
+    import tomllib
+    from pathlib import Path
+
+    from celery.app.amqp import AMQP
+    from kombu import Connection
+
+    from tests.required import require_module
+
+    require_module("flower")
+    from flower import app, options, urls
+    from flower.api.tasks import GetQueueLengths
+    from flower.utils.broker import Broker
+    from flower.views import BaseHandler
+    from flower.views.broker import BrokerView
+    from flower.views.workers import WorkersView, WorkerView
+
+    from producer import flower
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert extras["flower"] == [f"flower=={version('flower')}"]  # the pin is what is installed
+    # Flower builds its app from this very list, so routes put at its head come first.
+    assert app.default_handlers is urls.handlers
+    assert "handlers = default_handlers" in inspect.getsource(app.Flower.__init__)
+    for name in ("get_active_queue_names", "get_broker"):
+        assert list(inspect.signature(getattr(BaseHandler, name)).parameters) == ["self"]
+    for view in (BrokerView, GetQueueLengths):
+        source = inspect.getsource(view.get)
+        assert "self.get_broker()" in source and "self.get_active_queue_names()" in source
+    assert '"worker.html"' in inspect.getsource(WorkerView.get)
+    assert '"workers.html"' in inspect.getsource(WorkersView.get)
+    assert "get_argument('json'" in inspect.getsource(WorkersView.get)
+    # What the fleet's handlers read of Flower's app and options.
+    assert isinstance(app.Flower.broker_uri_with_password, functools.cached_property)
+    assert isinstance(app.Flower.workers, property)  # the inspector's cache, by node
+    assert {"inspect_timeout", "url_prefix"} <= set(options.default_options)
+    assert type(Broker("redis://127.0.0.1:1/0")).__name__ == "Redis"
+    assert type(Broker("rediss://127.0.0.1:1/0", broker_use_ssl={"ssl_ca_certs": "x"})
+                ).__name__ == "RedisSsl"
+    templates = Path(inspect.getfile(app)).parent / "templates"
+    assert flower.WORKER_ANCHOR.decode() in (templates / "worker.html").read_text()
+    assert flower.DASHBOARD_ANCHOR.decode() in (templates / "workers.html").read_text()
+    # The "Other" tab lists what is left of the stats it is given (the engine is taken out).
+    assert "worker['stats'].items()" in (templates / "worker.html").read_text()
+    assert list(inspect.signature(Connection.as_uri).parameters) == [
+        "self", "include_password", "mask", "getfields"]
+    assert AMQP.Connection is Connection
