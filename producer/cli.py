@@ -74,20 +74,29 @@ def worker(
     os.execv(sys.executable, argv)
 
 
-def flower_argv(port: int | None, insecure: bool) -> list[str]:
+def flower_argv(port: int | None, insecure: bool) -> tuple[list[str], dict[str, str]]:
     """The command line of the fleet's Flower (``producer/flower.py``: ``celery -A producer
-    flower`` with the fleet's pages), with basic auth from the settings."""
+    flower`` with the fleet's pages) and its environment, with basic auth from the settings.
+
+    The credentials go in Flower's ``FLOWER_BASIC_AUTH`` variable, not on the command line,
+    where every user of the host could read them in the process list.
+    """
     s = get_settings()
     argv = [sys.executable, "-m", "producer.flower",
             f"--address={s.flower_address}", f"--port={port or s.flower_port}"]
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
     if s.flower_user and s.flower_password:
-        argv.append(f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}")
+        password = s.flower_password.get_secret_value()
+        if "," in s.flower_user + password:  # Flower splits the variable's value on commas
+            raise typer.BadParameter("FLEET_FLOWER_USER and FLEET_FLOWER_PASSWORD cannot "
+                                     "hold a comma", param_hint="credentials")
+        env["FLOWER_BASIC_AUTH"] = f"{s.flower_user}:{password}"
     elif not insecure:
         raise typer.BadParameter(
             "set FLEET_FLOWER_USER and FLEET_FLOWER_PASSWORD, or pass --insecure",
             param_hint="credentials",
         )
-    return argv
+    return argv, env
 
 
 @cli.command()
@@ -96,8 +105,8 @@ def flower(
     insecure: Annotated[bool, typer.Option(help="Start without basic auth.")] = False,
 ) -> None:
     """Start Flower for the fleet on 127.0.0.1 behind basic auth."""
-    argv = flower_argv(port, insecure)
-    os.execv(sys.executable, argv)
+    argv, env = flower_argv(port, insecure)
+    os.execve(sys.executable, argv, env)
 
 
 @cli.command()

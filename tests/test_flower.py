@@ -147,6 +147,12 @@ def test_flower_control_api_needs_auth_and_binds_loopback(
     listening = [c.laddr for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+    # The password is in Flower's environment, not on any command line of the host.
+    flower_pids = {c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert flower_pids
+    for process in psutil.process_iter(["cmdline"]):
+        assert auth[1] not in " ".join(process.info["cmdline"] or [])
 
 
 def test_the_broker_url_names_the_redis_scheme_not_the_transport_class(
