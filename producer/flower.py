@@ -210,8 +210,8 @@ def _text(key: str, engine: dict[str, Any]) -> str:
         return ", ".join(value) or "\N{EM DASH}"
     if key == "uptime_s":
         return str(format_duration(value))
-    if key == "running" and engine.get("max_running") is not None:
-        return f"{_count(value)} of {_count(engine['max_running'])}"
+    if key == "kv_cache_usage" and isinstance(value, int | float):
+        return f"{100 * value:.1f} %"
     if key == "idle_unload_s":
         return f"after {_count(value)} s ({engine.get('idle_mode') or 'unload'})"
     return _count(value)
@@ -222,13 +222,14 @@ ENGINE_FIELDS = [
     ("model", "Model"), ("aliases", "Served as"), ("engine_id", "Engine id"),
     ("engine", "Engine"), ("state", "State"), ("gpus", "GPUs"),
     ("cuda_visible_devices", "CUDA_VISIBLE_DEVICES"), ("in_flight", "Requests in flight"),
-    ("running", "Running"), ("waiting", "Waiting"), ("requests_served", "Requests served"),
+    ("running", "Running"), ("waiting", "Waiting"), ("max_running", "Most running at once"),
+    ("kv_cache_usage", "KV cache in use"), ("requests_served", "Requests served"),
     ("tasks_failed", "Tasks failed"), ("tokens_generated", "Tokens generated"),
     ("loads", "Loads"), ("uptime_s", "Uptime"), ("max_model_len", "Max model len"),
     ("idle_unload_s", "Idle unload"), ("metrics_url", "Metrics"),
 ]
 #: Keys shown within another row.
-_FOLDED = {"max_running", "idle_mode"}
+_FOLDED = {"idle_mode"}
 
 
 def engine_rows(engine: dict[str, Any]) -> list[tuple[str, str, str | None]]:

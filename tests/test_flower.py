@@ -202,10 +202,12 @@ def test_the_engine_table_reads_old_and_new_reports() -> None:
         {"model": "m", "engine_id": "e", "gpus": [], "state": "ready", "running": 1,
          "max_running": 8, "uptime_s": 75.5})}
     assert old == {"Model": "m", "Engine id": "e", "GPUs": "CPU", "State": "ready",
-                   "Running": "1 of 8", "Uptime": "1m 16s"}  # no row for what it lacks
-    new = engine_rows({"gpus": ["0", "1"], "waiting": 1200, "metrics_url": "http://h:9/metrics",
-                       "a_new_fact": 7})
+                   "Running": "1", "Most running at once": "8",
+                   "Uptime": "1m 16s"}  # no row for what it lacks
+    new = engine_rows({"gpus": ["0", "1"], "waiting": 1200, "kv_cache_usage": 0.125,
+                       "metrics_url": "http://h:9/metrics", "a_new_fact": 7})
     assert new == [("GPUs", "0, 1", None), ("Waiting", "1,200", None),
+                   ("KV cache in use", "12.5 %", None),
                    ("Metrics", "http://h:9/metrics", "http://h:9/metrics"),
                    ("a_new_fact", "7", None)]
     assert engine_rows({"metrics_url": "javascript:alert(1)"})[0][2] is None  # text, no link
