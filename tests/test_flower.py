@@ -328,9 +328,9 @@ def test_flower_shows_every_queue_with_its_depth_and_the_engines_report(
 
 
 def artifacts_dir() -> Path:
-    """Where the browser test leaves its screenshots: FLEET_TEST_ARTIFACTS, else
+    """Where the browser test leaves its screenshots: TEST_ARTIFACTS_DIR, else
     .fleet/artifacts in the checkout; a run replaces the last run's files."""
-    root = os.environ.get("FLEET_TEST_ARTIFACTS") or Path(__file__).parents[1] / ".fleet/artifacts"
+    root = os.environ.get("TEST_ARTIFACTS_DIR") or Path(__file__).parents[1] / ".fleet/artifacts"
     path = Path(root) / "flower"
     path.mkdir(parents=True, exist_ok=True)
     return path
