@@ -199,7 +199,7 @@ class VLLMEngine:
             self._shutdown()
 
     def _build(self) -> Any:
-        from vllm import EngineArgs
+        from vllm import EngineArgs, envs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -219,6 +219,7 @@ class VLLMEngine:
         }
         if c.idle_mode == "sleep":
             check_sleep_mode()
+        self._log_stats_on = self.log_stats or envs.VLLM_ENABLE_V1_MULTIPROCESSING
         args = EngineArgs(
             model=c.model,
             enable_sleep_mode=c.idle_mode == "sleep",
