@@ -144,7 +144,7 @@ def _fleet_top(env: dict[str, str], *args: str) -> tuple[int, int]:
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once, nothing else of pytest runs here
         os.execve(sys.executable, [sys.executable, "-m", "producer.cli", "top", *args],
-                  {**env, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "40"})
+                  {**env, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "120"})
     return pid, fd
 
 
