@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any
 
@@ -100,17 +102,24 @@ def _duration(seconds: Any) -> str:
 def watch(poller: Poller, *, interval: float, console: Console) -> None:
     """Redraw in place every ``interval`` seconds until q (or Ctrl-C, for the caller)."""
     note = f"every {interval:g}s, rates over {poller.meter.window:g}s; q quits"
-    with keys() as read_keys, Live(console=console, screen=True, auto_refresh=False) as live:
-        while True:
-            deadline = time.monotonic() + interval
-            live.update(render(poller.poll(), note=note), refresh=True)
-            # Keys are read at least once a round, even when the poll took the whole interval.
-            while True:
-                left = deadline - time.monotonic()
-                if QUIT_KEYS & set(read_keys(left)):
-                    return
-                if left <= 0:
-                    break
+    # Ctrl-C sets a flag rather than raising: a KeyboardInterrupt raised inside a poll (Celery's
+    # broadcast, kombu's reads) may be caught there and lost.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        with keys() as read_keys, Live(console=console, screen=True, auto_refresh=False) as live:
+            while not interrupted.is_set():
+                deadline = time.monotonic() + interval
+                live.update(render(poller.poll(), note=note), refresh=True)
+                # Keys are read at least once a round, even when the poll took the interval.
+                while not interrupted.is_set():
+                    left = deadline - time.monotonic()
+                    if QUIT_KEYS & set(read_keys(left)):
+                        return
+                    if left <= 0:
+                        break
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def print_once(poller: Poller, *, interval: float, console: Console) -> None:
