@@ -7,6 +7,7 @@ No registry of our own: each worker answers the ``engine`` inspect command
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from producer.celery_app import app
@@ -40,11 +41,25 @@ def health(engine_id: str, *, timeout: float = 5.0) -> dict[str, Any] | None:
     return None
 
 
-def queue_depths(models: set[str]) -> dict[str, int]:
-    """Tasks waiting in each model's queue (Redis list length)."""
+def queue_depths(models: Iterable[str]) -> dict[str, int]:
+    """Tasks waiting in each model's queue, every priority step counted."""
+    return {model: sum(levels.values()) for model, levels in queue_levels(models).items()}
+
+
+def queue_levels(models: Iterable[str]) -> dict[str, dict[int, int]]:
+    """Tasks waiting in each model's queue, by kombu priority step, in one Redis round trip."""
+    models = sorted(models)
     with app.connection_for_read() as connection:
-        client = connection.default_channel.client
-        return {m: int(client.llen(model_queue(m))) for m in models}
+        channel = connection.default_channel
+        steps = list(channel.priority_steps)
+        pipe = channel.client.pipeline(transaction=False)
+        for model in models:
+            for step in steps:
+                # kombu keeps each step but 0 in a list of its own, ``<queue>\x06\x16<step>``
+                # (a private name, pinned in tests/test_pins.py).
+                pipe.llen(channel._q_for_pri(model_queue(model), step))
+        lengths = iter(pipe.execute())
+    return {model: {step: int(next(lengths)) for step in steps} for model in models}
 
 
 def select_nodes(engine_ids: list[str], *, model: str | None = None, every: bool = False,

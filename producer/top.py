@@ -12,9 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from producer.celery_app import app
-from producer.engines import list_engines
-from producer.naming import model_queue
+from producer.engines import list_engines, queue_levels
 
 WINDOW_S = 5.0
 #: States in which an engine takes tasks from its model queue (an idle-unloaded one reloads).
@@ -119,22 +117,6 @@ def queue_views(models: Iterable[str], levels: dict[str, dict[int, int]],
         views.append(QueueView(model, levels.get(model, {}), len(mine),
                                sum(e.get("state") in SERVING for e in mine)))
     return views
-
-
-def queue_levels(models: Iterable[str]) -> dict[str, dict[int, int]]:
-    """Tasks waiting in each model's queue, by kombu priority step, in one Redis round trip."""
-    models = sorted(models)
-    with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        steps = list(channel.priority_steps)
-        pipe = channel.client.pipeline(transaction=False)
-        for model in models:
-            for step in steps:
-                # kombu keeps each step but 0 in a list of its own, ``<queue>\x06\x16<step>``
-                # (a private name, pinned in tests/test_pins.py).
-                pipe.llen(channel._q_for_pri(model_queue(model), step))
-        lengths = iter(pipe.execute())
-    return {model: {step: int(next(lengths)) for step in steps} for model in models}
 
 
 @dataclass(frozen=True)
