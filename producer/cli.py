@@ -137,8 +137,18 @@ def gateway(
 
 
 ENGINE_COLUMNS = ("engine_id", "node", "model", "gpus", "state", "in_flight", "running",
-                  "waiting", "requests_served", "tokens_generated", "tasks_failed", "uptime_s",
-                  "queue_depth", "metrics_url")
+                  "waiting", "waiting_by_priority", "requests_served", "tokens_generated",
+                  "tasks_failed", "uptime_s", "queue_depth", "queued_by_priority", "metrics_url")
+
+
+def engine_cell(engine: dict[str, Any], column: str) -> str:
+    """One cell of ``fleet engines``: priorities as ``priority:count`` pairs."""
+    if column == "waiting_by_priority":
+        waiting = {p: c["waiting"] for p, c in (engine.get("priorities") or {}).items()}
+        return " ".join(f"{p}:{n}" for p, n in waiting.items() if n)
+    if column == "queued_by_priority":
+        return " ".join(f"{p}:{n}" for p, n in (engine.get(column) or {}).items())
+    return str(engine.get(column, ""))
 
 
 @cli.command()
@@ -161,7 +171,7 @@ def engines(
         return
     table = Table(*ENGINE_COLUMNS)
     for engine in found:
-        table.add_row(*(str(engine.get(column, "")) for column in ENGINE_COLUMNS))
+        table.add_row(*(engine_cell(engine, column) for column in ENGINE_COLUMNS))
     Console().print(table)
 
 

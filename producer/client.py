@@ -17,7 +17,7 @@ from celery.result import AsyncResult, ResultSet
 
 from producer import errors
 from producer.errors import FleetError, InvalidRequest
-from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest
+from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest, Scheduling, parse
 from producer.streams import TextStream
 from producer.tasks import ManyTask, ModelTask, chat_many, generate_many, item_wire
 from producer.tasks import chat as chat_task
@@ -77,6 +77,7 @@ def generate_batch(
     return_exceptions: bool = False,
     progress: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    priority: int | str = "batch",
     **params: Any,
 ) -> list[Any]:
     """Complete many prompts; results come back in input order.
@@ -84,11 +85,12 @@ def generate_batch(
     An item is a prompt, or a dict of one request's fields (``{"prompt": ..., "max_tokens": 8}``)
     that override the shared ``params``. Prompts travel ``chunk_size`` to a message (task
     ``fleet.generate_many``), so the queue costs one round trip per chunk, not per prompt;
-    chunks spread over the model's engines.
+    chunks spread over the model's engines. Every item has the call's ``priority`` (by default
+    ``batch``: interactive and default requests for the model go ahead of it).
     """
     calls = [_call("prompt", item, model, params) for item in prompts]
     return _run(generate_task, generate_many, calls, "prompts", timeout, return_exceptions,
-                progress, chunk_size)
+                progress, chunk_size, priority)
 
 
 def chat_batch(
@@ -99,13 +101,15 @@ def chat_batch(
     return_exceptions: bool = False,
     progress: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    priority: int | str = "batch",
     **params: Any,
 ) -> list[Any]:
     """Answer many conversations, in input order; an item is a message list or a dict of one
-    request's fields (``{"messages": [...], "seed": 1}``). Chunked like generate_batch."""
+    request's fields (``{"messages": [...], "seed": 1}``). Chunked and prioritised like
+    generate_batch."""
     calls = [_call("messages", item, model, params) for item in conversations]
     return _run(chat_task, chat_many, calls, "conversations", timeout, return_exceptions,
-                progress, chunk_size)
+                progress, chunk_size, priority)
 
 
 def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0) -> list[str]:
@@ -155,16 +159,23 @@ def _run(
     return_exceptions: bool,
     progress: bool | None,
     chunk_size: int,
+    priority: int | str,
 ) -> list[Any]:
     if chunk_size < 1:
         raise InvalidRequest(f"chunk_size: must be at least 1 (got {chunk_size})")
     chunk_size = min(chunk_size, MAX_BATCH)
+    level = parse(Scheduling, {"priority": priority}).priority
     requests = _validate(item_task, calls, items_name)
+    for i, request in enumerate(requests):
+        if request.priority is not None:  # a chunk is one message: one place in the queue
+            raise InvalidRequest(f"{items_name}.{i}.priority: items share the call's "
+                                 f"priority; pass priority= to the call")
     if not requests:
         return []
     chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
     handles = [
-        many_task.send(ManyRequest(requests=[item_wire(r) for r in chunk], model=chunk[0].model))
+        many_task.send(ManyRequest(requests=[item_wire(r) for r in chunk], model=chunk[0].model,
+                                   priority=level))
         for chunk in chunks
     ]
     values = _collect(handles, [len(c) for c in chunks], timeout,

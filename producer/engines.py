@@ -17,16 +17,19 @@ POLL_S = 0.2
 
 
 def list_engines(model: str | None = None, *, timeout: float = 1.0) -> list[dict[str, Any]]:
-    """Every engine that answered within ``timeout``, with its node and its model's queue depth."""
+    """Every engine that answered within ``timeout``, with its node and its model's queue depth
+    (``queue_depth``, and ``queued_by_priority``: the kombu priority steps that hold tasks)."""
     replies = app.control.broadcast("engine", reply=True, timeout=timeout)
     engines = []
     for reply in replies:
         for node, info in reply.items():
             if info and (model is None or info.get("model") == model):
                 engines.append({"node": node, "host": node.partition("@")[2], **info})
-    depths = queue_depths({e["model"] for e in engines})
+    levels = queue_levels({e["model"] for e in engines})
     for engine in engines:
-        engine["queue_depth"] = depths.get(engine["model"])
+        steps = levels.get(engine["model"], {})
+        engine["queue_depth"] = sum(steps.values())
+        engine["queued_by_priority"] = {str(step): n for step, n in steps.items() if n}
     return sorted(engines, key=lambda e: (e["model"], e["engine_id"]))
 
 

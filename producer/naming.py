@@ -48,6 +48,10 @@ DEAD_LETTER_PREFIX = "fleet.dead."
 MALFORMED_QUEUE = DEAD_LETTER_PREFIX + "malformed"
 DELIVERIES_PREFIX = "fleet.deliveries."
 STREAM_PREFIX = "fleet.stream."
+#: A Redis list per queue that holds an entry while the queue may hold messages: the fleet's
+#: producers push to it beside each message, so a worker can wait on one key for every
+#: priority step of its model's queue (``producer/transport.py``).
+WAKE_PREFIX = "fleet.wake."
 #: Kombu's Redis transport's own keys for delivered, unacknowledged messages (its defaults,
 #: which the fleet keeps): a hash tag -> [message, exchange, routing key], and their delivery
 #: times in a sorted set.
@@ -111,3 +115,8 @@ def stream_key(task_id: str) -> str:
 def node_name(engine_id: str, host: str | None = None) -> str:
     """Celery node name of an engine's worker."""
     return f"{check_id(engine_id, what='engine id')}@{host or socket.gethostname()}"
+
+
+def wake_key(queue: str) -> str:
+    """The wake list of a queue (see ``WAKE_PREFIX``)."""
+    return WAKE_PREFIX + queue

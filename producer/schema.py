@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -239,6 +240,38 @@ class Streaming(_Frozen):
     or the gateway's ``stream: true``). A reply with tool calls comes whole at the end."""
 
 
+#: The named priority levels (lower is sooner, as in vLLM and kombu's Redis transport).
+#: Interactive callers go ahead of everything; the batch helpers and many-request tasks send at
+#: ``batch`` unless told otherwise; a call that names no priority is at ``default``.
+PRIORITY_LEVELS: dict[str, int] = {"interactive": 0, "default": 5, "batch": 9}
+#: The lowest priority (highest value) a request may have: kombu's Redis transport keeps
+#: priorities 0 to 9.
+MAX_PRIORITY = 9
+
+
+def priority_value(value: Any) -> Any:
+    """A level's name as its number; refuses what is neither a level nor an integer."""
+    if isinstance(value, str):
+        if value in PRIORITY_LEVELS:
+            return PRIORITY_LEVELS[value]
+        raise ValueError(f"{value!r} is not a level: an integer from 0 (soonest) to "
+                         f"{MAX_PRIORITY} (latest), or one of {', '.join(PRIORITY_LEVELS)}")
+    return value
+
+
+Priority = Annotated[int, Field(ge=0, le=MAX_PRIORITY), BeforeValidator(priority_value)]
+
+
+class Scheduling(_Frozen):
+    """Where a request stands against other requests waiting for the same model."""
+
+    priority: Priority | None = None
+    """0 (soonest) to 9, or ``interactive`` (0), ``default`` (5), ``batch`` (9): a request is
+    taken from its model's queue, and scheduled by the engine, before every request of a higher
+    value waiting there. None: ``default`` (``batch`` for many-requests and the batch
+    helpers)."""
+
+
 #: The sampling fields of every request: named as vLLM's ``SamplingParams`` fields, so the
 #: worker hands each set one to vLLM under its own name (workers/engines/vllm_options.py).
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
@@ -246,7 +279,7 @@ SAMPLING_FIELDS = frozenset(Sampling.model_fields)
 DEFAULT_MAX_TOKENS = 16
 
 
-class GenerateRequest(Sampling, JsonOutput, Streaming):
+class GenerateRequest(Sampling, JsonOutput, Streaming, Scheduling):
     """A plain-text completion request (task ``fleet.generate``)."""
 
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -352,7 +385,7 @@ class NamedToolChoice(_Frozen):
     """The function to call."""
 
 
-class ChatRequest(Sampling, JsonOutput, Streaming):
+class ChatRequest(Sampling, JsonOutput, Streaming, Scheduling):
     """A chat request rendered through the model's chat template (task ``fleet.chat``)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -402,7 +435,7 @@ class ChatRequest(Sampling, JsonOutput, Streaming):
         return choice
 
 
-class ManyRequest(_Frozen):
+class ManyRequest(Scheduling):
     """Many requests of one kind for one model in one message (``fleet.*_many`` tasks).
 
     Items are checked one by one on both sides, so a bad item fails only itself; they carry

@@ -38,7 +38,7 @@ from pydantic_settings import (
 from producer.errors import ConfigError, UnknownModel
 from producer.explain import segment
 from producer.naming import check_model_id
-from producer.schema import Sampling
+from producer.schema import Priority, Sampling
 
 TINY_MODEL_ID = "tiny"
 #: How a ConfigError's message opens.
@@ -211,8 +211,18 @@ class FleetSettings(BaseSettings):
     """Bearer keys the gateway accepts, by name (JSON: ``{"app-a": "sk-..."}``): one per
     application, so one can be replaced alone. Empty: the gateway starts only with
     ``--insecure``."""
+    gateway_key_priorities: dict[str, Priority] = Field(default_factory=dict)
+    """The priority of the requests sent with each key, by key name, where a request names none
+    (JSON: ``{"evals": "batch"}``); a key not named here sends at ``default``."""
     gateway_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds the gateway waits for a task; then it answers 504 and revokes the task."""
+
+    @model_validator(mode="after")
+    def _key_priorities_name_keys(self) -> FleetSettings:
+        for name in sorted(self.gateway_key_priorities.keys() - self.gateway_api_keys.keys()):
+            raise ValueError(f"gateway_key_priorities: {name!r} is not a key of "
+                             f"gateway_api_keys")
+        return self
 
     @model_validator(mode="after")
     def _streams_outlive_redelivery(self) -> FleetSettings:

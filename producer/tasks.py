@@ -21,6 +21,7 @@ from producer import naming
 from producer.celery_app import app
 from producer.errors import InvalidRequest, RequestTooLarge
 from producer.schema import (
+    PRIORITY_LEVELS,
     ChatRequest,
     GenerateRequest,
     ManyRequest,
@@ -40,6 +41,8 @@ class ModelTask(Task):
     executor: Callable[[ModelTask, dict[str, Any]], Any] | None = None
     #: Names of the positional arguments, in order (the rest are keyword-only).
     positional: ClassVar[tuple[str, ...]]
+    #: The priority of a call that names none (``producer.schema.PRIORITY_LEVELS``).
+    default_priority: ClassVar[int] = PRIORITY_LEVELS["default"]
     typing = False  # the schema checks the signature, with clearer errors
 
     def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -64,13 +67,28 @@ class ModelTask(Task):
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult:
-        return self.send(self.validate(tuple(args or ()), dict(kwargs or {})), **options)
+        kwargs = dict(kwargs or {})
+        if "priority" in options and "priority" in self.schema.model_fields:
+            # Celery's own option names the same thing: one value, checked like the field.
+            given = options.pop("priority")
+            if given is not None and kwargs.setdefault("priority", given) != given:
+                raise InvalidRequest(f"priority: given as {kwargs['priority']!r} and as the "
+                                     f"apply_async option {given!r}; give it once")
+        return self.send(self.validate(tuple(args or ()), kwargs), **options)
 
     def send(self, request: Any, **options: Any) -> AsyncResult:
         """Enqueue an already validated request on its model's queue."""
         if "queue" not in options:
             options["queue"] = naming.model_queue(request.model)
         wire = to_wire(request)
+        level = getattr(request, "priority", None)
+        if level is None:
+            level = self.default_priority
+            if "priority" in type(request).model_fields:
+                wire["priority"] = level  # the worker hands the engine what the queue used
+        # Kombu's Redis transport keeps each priority step in a list of its own, taken in
+        # order (producer/transport.py); the message carries it through redeliveries.
+        options["priority"] = level
         check_size(wire)
         # What Flower and the worker's logs show of the call. Celery would build the same with
         # its saferepr, about a tenth of a millisecond of each .delay(); a plain repr does.
@@ -105,6 +123,7 @@ class ManyTask(ModelTask):
 
     schema = ManyRequest
     positional = ("requests",)
+    default_priority = PRIORITY_LEVELS["batch"]
     item_schema: ClassVar[type[GenerateRequest] | type[ChatRequest]]
 
     def validate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ManyRequest:
@@ -114,6 +133,9 @@ class ManyTask(ModelTask):
             if "model" in item:
                 raise InvalidRequest(f"requests.{i}.model: items share the batch's model; "
                                      f"leave it out")
+            if "priority" in item:
+                raise InvalidRequest(f"requests.{i}.priority: items share the batch's "
+                                     f"priority; set it on the call")
             if item.get("stream"):
                 raise InvalidRequest(f"requests.{i}.stream: items of a many-request are not "
                                      f"streamed; send the requests one by one to stream them")
@@ -122,7 +144,7 @@ class ManyTask(ModelTask):
             except InvalidRequest as e:
                 raise InvalidRequest(f"requests.{i}: {e}") from None
             items.append(item_wire(request))
-        return ManyRequest(requests=items, model=envelope.model)
+        return ManyRequest(requests=items, model=envelope.model, priority=envelope.priority)
 
 
 class GenerateManyTask(ManyTask):
@@ -142,6 +164,7 @@ class WarmupTask(ModelTask):
 
     schema = WarmupRequest
     positional = ("model",)
+    default_priority = PRIORITY_LEVELS["interactive"]  # an engine to load comes first
 
 
 class EngineStatusTask(ModelTask):
@@ -149,6 +172,7 @@ class EngineStatusTask(ModelTask):
 
     schema = StatusRequest
     positional = ("engine_id",)
+    default_priority = PRIORITY_LEVELS["interactive"]
 
     def send(self, request: Any, **options: Any) -> AsyncResult:
         options.setdefault("queue", naming.engine_queue(request.engine_id))

@@ -45,8 +45,9 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
-from producer.naming import MALFORMED_QUEUE, MODEL_QUEUE_PREFIX
+from producer.naming import MALFORMED_QUEUE, MODEL_QUEUE_PREFIX, wake_key
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ def _check_envelope(payload: Any) -> None:
             payload.get("headers") or {}, dict):
         raise MalformedMessage("envelope body or headers have the wrong type", payload)
 
+
+#: A worker keeps this share of its prefetch room (at least one message) for messages of the
+#: soonest priority step (``interactive``): a room filled with later work still takes them.
+URGENT_SHARE = 8
+#: While only that kept room is left, the worker waits on the soonest step's list and looks at
+#: the other steps again after this long (the room frees as tasks finish).
+FULL_WAIT_S = 0.05
 
 #: At most this many messages per take (besides the prefetch room).
 TAKE_MAX = 128
@@ -126,6 +134,8 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         #: Tags the take recorded as unacknowledged, until QoS.append sees them.
         self.recorded: set[str] = set()
+        #: Tags of held messages taken from later priority steps than the soonest.
+        self._held_later: set[str] = set()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -197,10 +207,40 @@ class Channel(kombu_redis.Channel):
             virtual.QoS.ack(self.qos, message.delivery_tag)
             message._state = "ACK"
 
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Kombu's put (the message goes to its priority step's list), and an entry on the
+        queue's wake list in the same round trip: a worker waiting on that one key wakes for
+        a message of any priority."""
+        if self.global_keyprefix or (self._expires and queue in self._expires):
+            return super()._put(queue, message, **kwargs)  # kombu's own path
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        wake, body = wake_key(queue), dumps(message)
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:
+            batch.add("lpush", key, body)
+            batch.add("lpush", wake, 1)
+            return None
+        with self.conn_or_acquire() as client:
+            client.pipeline(transaction=False).lpush(key, body).lpush(wake, 1).execute()
+        return None
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
+                            leftmost: bool = False) -> None:
+        """A redelivered message goes back to the list of its own priority step (kombu reads
+        the step from the message) and wakes the workers waiting on its queue."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        for queue in self._lookup(exchange, routing_key):
+            pipe.lpush(wake_key(queue), 1)
+
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Wait for a message without taking it: ``BLMOVE q q RIGHT RIGHT`` answers as soon as
-        the queue holds one and leaves the list as it was. The take that follows pops and
-        records in one atomic step, so no message is ever popped without being recorded."""
+        """Wait for a message without taking it: ``BLMOVE w w RIGHT RIGHT`` on the model
+        queue's wake list answers as soon as it holds an entry (a producer pushed a message of
+        any priority) and leaves it as it was. The take that follows pops and records in one
+        atomic step, so no message is ever popped without being recorded.
+
+        While the room kept for the soonest priority step is all that is left, the wait is on
+        that step's list instead (only such a message can be taken), and ends after
+        ``FULL_WAIT_S`` to take later steps again as the room frees."""
         if self.global_keyprefix:  # kombu's own path (the take's keys are not prefixed)
             return super()._brpop_start(timeout)
         if self._take_due is not None:  # a take is scheduled: it comes first
@@ -208,17 +248,19 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
-        # Redis blocks on one list at a time here: the model queue, where the traffic is. A
+        # Redis blocks on one list at a time here: the model queue's, where the traffic is. A
         # message on another queue (an engine's own) is taken at the latest when the wait
         # times out (brpop_timeout, 1 s).
-        wait_on = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
-        key = self._q_for_pri(wait_on, 0)
+        model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
+        wait = self.brpop_timeout if timeout is None else timeout
+        if self._later_room() > 0:
+            key = wake_key(model)
+        else:
+            key, wait = self._q_for_pri(model, 0), min(wait, FULL_WAIT_S)
         self._in_poll = self.client.connection
         # kombu's half-open socket check reads when the wait was sent.
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
-        self.client.connection.send_command(
-            "BLMOVE", key, key, "RIGHT", "RIGHT", self.brpop_timeout if timeout is None
-            else timeout)
+        self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", wait)
         return None
 
     def _brpop_read(self, **options: Any) -> Any:
@@ -260,21 +302,27 @@ class Channel(kombu_redis.Channel):
 
     def _take(self) -> int:
         """Take up to the prefetch room of waiting messages in one round trip, each recorded as
-        unacknowledged in the same atomic step, and deliver them; returns how many."""
+        unacknowledged in the same atomic step, and deliver them; returns how many. Messages
+        of later priority steps fill the room only up to the share kept for the soonest."""
         room = self.qos.can_consume_max_estimate()
         count = TAKE_MAX if room is None else min(room, TAKE_MAX)
         queues = list(self.active_queues)
         if count <= 0 or not queues:
             return 0
-        keys = [self.unacked_key, self.unacked_index_key,
-                *(self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues)]
+        model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
+        first, *later = self.priority_steps
+        keys = [self.unacked_key, self.unacked_index_key, wake_key(model),
+                *(self._q_for_pri(q, first) for q in queues),
+                *(self._q_for_pri(q, pri) for pri in later for q in queues)]
         with self.conn_or_acquire() as client:
-            taken = self._take_script_call(client, keys, count)
+            taken = self._take_script_call(client, keys, count, len(queues), self._later_room())
         for i in range(0, len(taken), 3):
-            key, tag, raw = keys[int(taken[i]) + 1], bytes_to_str(taken[i + 1]), taken[i + 2]
-            queue = self._queue_of(key)
+            n, tag, raw = int(taken[i]), bytes_to_str(taken[i + 1]), taken[i + 2]
+            queue = self._queue_of(keys[n + 2])
             if tag:
                 self.recorded.add(tag)
+                if n > len(queues):
+                    self._held_later.add(tag)
             try:
                 self.connection._deliver(json.loads(bytes_to_str(raw)), queue)
             except ValueError as e:  # JSON, UTF-8, base64 and envelope errors
@@ -283,13 +331,28 @@ class Channel(kombu_redis.Channel):
                     self.recorded.discard(tag)
                     self.forget_unacked([tag])
         if taken:
-            self._queue_cycle.rotate(self._queue_of(keys[int(taken[-3]) + 1]))
+            self._queue_cycle.rotate(self._queue_of(keys[int(taken[-3]) + 2]))
             self._last_take = time.monotonic()
         self._stream = len(taken) > 3  # more than one: messages arrive faster than taken
         return len(taken) // 3
 
-    def _take_script_call(self, client: Any, keys: list[str], count: int) -> Any:
-        args = [len(keys), *keys, count, time.time()]
+    def _later_room(self) -> int:
+        """How many more messages of later priority steps than the soonest this channel may
+        take: its prefetch room less the share kept for the soonest step (``URGENT_SHARE``)."""
+        qos = self.qos
+        limit = qos.prefetch_count
+        if not limit:
+            return TAKE_MAX
+        held = qos._delivered
+        dirty = qos._dirty
+        self._held_later = {t for t in self._held_later if t in held and t not in dirty}
+        keep = max(1, limit // URGENT_SHARE)
+        return max(0, min(limit - keep - len(self._held_later),
+                          qos.can_consume_max_estimate() or 0))
+
+    def _take_script_call(self, client: Any, keys: list[str], count: int, urgent: int,
+                          later: int) -> Any:
+        args = [len(keys), *keys, count, time.time(), urgent, later]
         try:
             return client.execute_command("EVALSHA", TAKE_SHA, *args)
         except redis.exceptions.NoScriptError:  # a first take, or Redis lost its scripts

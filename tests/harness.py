@@ -177,12 +177,12 @@ def result_of(handle: Any, redis_client: Any, timeout: float) -> Any:
         stored = redis_client.get(f"celery-task-meta-{handle.id}")
         held = [tag for tag, raw in redis_client.hgetall(naming.UNACKED_KEY).items()
                 if handle.id.encode() in raw]
-        queued = [key for key in redis_client.scan_iter(match="fleet.model.*")
+        waiting = [key for key in redis_client.scan_iter(match="fleet.model.*")
                   if redis_client.type(key) == b"list"
                   and any(handle.id.encode() in m for m in redis_client.lrange(key, 0, -1))]
         raise AssertionError(
             f"no result for {handle.id} after {timeout:.0f}s: stored result {stored!r}; "
-            f"unacknowledged delivery tags {held}; queued in {queued}; deliveries counted "
+            f"unacknowledged delivery tags {held}; queued in {waiting}; deliveries counted "
             f"{redis_client.get(f'fleet.deliveries.{handle.id}')!r}") from None
 
 
@@ -236,3 +236,24 @@ def start_gateway(env: dict[str, str], logdir: Path, name: str = "gateway") -> G
 
     wait_until(up, 60, "the gateway to answer /health")
     return gateway
+
+
+#: Kombu's Redis priority steps: step 0 is the queue's own list, each other ``<queue>\x06\x16<n>``.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def step_lists(queue: str) -> list[str]:
+    """The Redis lists of a queue, soonest priority step first."""
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS]
+
+
+def queued(redis_client: Any, queue: str) -> list[bytes]:
+    """Every message waiting in a queue, every priority step included."""
+    return [m for key in step_lists(queue) for m in redis_client.lrange(key, 0, -1)]
+
+
+def drop_queue(redis_client: Any, queue: str) -> None:
+    """Remove a queue's lists (every step) and its wake list."""
+    from producer.naming import wake_key
+
+    redis_client.delete(*step_lists(queue), wake_key(queue))

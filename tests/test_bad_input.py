@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import re
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +30,7 @@ from producer import (
     generate,
     generate_many,
 )
-from producer.naming import MALFORMED_QUEUE
+from producer.naming import MALFORMED_QUEUE, MODEL_ID_PATTERN
 from producer.schema import MAX_BATCH, MAX_PROMPT_CHARS, GenerateRequest
 from producer.transport import MALFORMED_KEEP_BYTES
 from tests.field_errors import assert_names_field
@@ -52,9 +53,9 @@ OUT_OF_RANGE = {
 NOT_A_NUMBER = st.text(max_size=5) | st.lists(st.integers(), max_size=2) | st.none().map(
     lambda _: {"x": 1})
 NOT_A_STRING = st.integers() | st.floats(allow_nan=False) | st.lists(st.text(), max_size=2)
+# Neither a plain id nor an org/name model id (so bad as an engine id and as a model id).
 BAD_IDS = st.text(min_size=1, max_size=20).filter(
-    lambda s: not (s[0].isascii() and s[0].isalnum() and all(
-        c.isascii() and (c.isalnum() or c in "._-") for c in s)))
+    lambda s: re.fullmatch(MODEL_ID_PATTERN, s) is None)
 
 
 def _base() -> dict[str, Any]:

@@ -17,7 +17,17 @@ from celery.result import AsyncResult
 from producer import PromptTooLong, generate
 from producer.client import chat_batch, generate_batch
 from producer.client import generate as generate_blocking
-from tests.harness import PROBE, Fleet, WorkerProc, alive, engine_info, engine_probe, wait_until
+from tests.harness import (
+    PROBE,
+    Fleet,
+    WorkerProc,
+    alive,
+    drop_queue,
+    engine_info,
+    engine_probe,
+    queued,
+    wait_until,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -269,7 +279,7 @@ def test_unserved_model_waits_in_its_queue_until_an_engine_comes(
     handle = generate.delay("anyone there?", model="tiny-late", max_tokens=3, temperature=0.0)
     with pytest.raises(CeleryTimeout):
         handle.get(timeout=2)
-    assert redis_client.llen("fleet.model.tiny-late") == 1  # parked, not lost
+    assert len(queued(redis_client, "fleet.model.tiny-late")) == 1  # parked, not lost
     late = fleet.start("tiny-late", "late1")
     fleet.wait_ready(app, late)
     result = handle.get(timeout=TIMEOUT)
@@ -323,10 +333,10 @@ def test_idle_unload_reload_and_drain(
     done = {h.id for h in burst if h.ready()}
     assert done  # it had taken work, and finished it before exiting
     assert {AsyncResult(i, app=app).get()["engine_id"] for i in done} == {"idle1"}
-    queued = {json.loads(m)["headers"]["id"]
-              for m in redis_client.lrange("fleet.model.tiny-idle", 0, -1)}
-    assert not done & queued and done | queued == {h.id for h in burst}  # none lost
-    redis_client.delete("fleet.model.tiny-idle")
+    waiting = {json.loads(m)["headers"]["id"]
+               for m in queued(redis_client, "fleet.model.tiny-idle")}
+    assert not done & waiting and done | waiting == {h.id for h in burst}  # none lost
+    drop_queue(redis_client, "fleet.model.tiny-idle")
 
 
 def test_control_shutdown_stops_exactly_one_engine(

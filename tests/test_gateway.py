@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.harness import GATEWAY_KEY, Fleet, GatewayProc, start_gateway, wait_until
+from tests.harness import (
+    GATEWAY_KEY,
+    Fleet,
+    GatewayProc,
+    queued,
+    start_gateway,
+    wait_until,
+)
 from tests.required import require_module, require_program
 
 MODEL = "gw-fake"
@@ -165,11 +172,11 @@ def test_too_large_is_413_and_nothing_is_sent(client: Any, fleet_env: dict[str, 
 
     from producer.naming import model_queue
 
-    before = redis_client.llen(model_queue(MODEL))
+    before = len(queued(redis_client, model_queue(MODEL)))
     with pytest.raises(openai.APIStatusError) as large:
         client.completions.create(model=MODEL, prompt="x " * 5_000_000, max_tokens=1)
     assert large.value.status_code == 413
-    assert redis_client.llen(model_queue(MODEL)) == before
+    assert len(queued(redis_client, model_queue(MODEL))) == before
 
 
 def test_unknown_fields_are_ignored_and_logged(client: Any, gateway: GatewayProc) -> None:

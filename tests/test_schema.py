@@ -11,6 +11,7 @@ from producer import InvalidRequest, chat, generate
 from producer.client import chat_batch, generate_batch
 from producer.schema import GenerateRequest, Sampling, to_wire
 from tests.field_errors import assert_names_field
+from tests.harness import drop_queue, queued
 from tests.redis_traffic import nothing_sent, published
 
 BAD_PARAMS = [
@@ -208,9 +209,9 @@ def test_valid_call_lands_on_the_model_queue(app: Any, redis_client: Any) -> Non
     with published() as keys:
         result = generate.delay("hello", model="parked", max_tokens=3, temperature=0.5)
     assert keys == ["fleet.model.parked"]  # what the refused calls' checks would have seen
-    assert redis_client.llen("fleet.model.parked") == 1
+    assert len(queued(redis_client, "fleet.model.parked")) == 1
     result.forget()
-    redis_client.delete("fleet.model.parked")
+    drop_queue(redis_client, "fleet.model.parked")
 
 
 def test_many_task_names_the_bad_item_and_field(app: Any) -> None:

@@ -287,6 +287,9 @@ class Runtime:
             # As the engine's scheduler counts them after its last step.
             "running": stats.running,
             "waiting": stats.waiting,
+            # The same by priority (lower is sooner), as the scheduler holds them now.
+            "priorities": {str(p): {"running": r, "waiting": w}
+                           for p, (r, w) in stats.by_priority.items()},
             "kv_cache_usage": round(stats.kv_cache_usage, 4),
             "max_running": stats.max_running,
             "requests_served": stats.requests_served,

@@ -17,6 +17,7 @@ from typing import Any
 from producer.errors import FleetError, InvalidRequest, UnknownModel
 from producer.schema import (
     DEFAULT_MAX_TOKENS,
+    PRIORITY_LEVELS,
     SAMPLING_FIELDS,
     ChatRequest,
     GenerateRequest,
@@ -85,7 +86,10 @@ class Planner:
     def prepare_one(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                     kwargs: dict[str, Any]) -> Work:
         validated = parse(schema, kwargs)
-        request, reply = self._engine_request(validated, task_id)
+        # A message from a producer that named no priority waits as the task's default.
+        priority = validated.priority
+        request, reply = self._engine_request(
+            validated, task_id, PRIORITY_LEVELS["default"] if priority is None else priority)
         # A reply with tool calls is read from the whole text: it comes whole, in the result.
         if (validated.stream and self.stream_opener is not None
                 and (reply is None or reply.tool_choice == "none")):
@@ -99,6 +103,7 @@ class Planner:
     def prepare_many(self, schema: type[GenerateRequest | ChatRequest], task_id: str,
                      kwargs: dict[str, Any]) -> Work:
         envelope = parse(ManyRequest, kwargs)
+        priority = PRIORITY_LEVELS["batch"] if envelope.priority is None else envelope.priority
         outcomes: list[FleetError | None] = []
         valid: list[EngineRequest] = []
         reading: list[Reply | None] = []
@@ -107,7 +112,7 @@ class Planner:
                 request = parse(schema, {**item, "model": envelope.model})
                 if request.stream:
                     raise InvalidRequest("stream: items of a many-request are not streamed")
-                sent, reply = self._engine_request(request, f"{task_id}:{i}")
+                sent, reply = self._engine_request(request, f"{task_id}:{i}", priority)
                 valid.append(sent)
                 reading.append(reply)
                 outcomes.append(None)
@@ -130,14 +135,16 @@ class Planner:
 
         return Work(valid, answer)
 
-    def _engine_request(self, request: GenerateRequest | ChatRequest,
-                        request_id: str) -> tuple[EngineRequest, Reply | None]:
+    def _engine_request(self, request: GenerateRequest | ChatRequest, request_id: str,
+                        priority: int) -> tuple[EngineRequest, Reply | None]:
         if request.model != self.model_id:
             raise UnknownModel(
                 f"model: engine {self.engine_id!r} serves {self.model_id!r}, not {request.model!r}"
             )
         # Tools and JSON output add to what the engine sees: workers/replies.py.
-        return replies.engine_request(request, request_id, self._sampling(request), self.config)
+        sent, reply = replies.engine_request(request, request_id, self._sampling(request),
+                                             self.config)
+        return replace(sent, priority=priority), reply
 
     def _completion(self, out: EngineOutput, request_id: str,
                     reply: Reply | None) -> dict[str, Any]:

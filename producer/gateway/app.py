@@ -255,22 +255,26 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
         from producer.tasks import chat as chat_task
 
         call = openai.chat_call(await gw.body(request))
-        return await serve(request, call, chat_task, [call.kwargs], "chat")
+        return await serve(request, who, call, chat_task, [call.kwargs], "chat")
 
     async def completions(request: Request, who: str) -> Response:
         from producer.tasks import generate as generate_task
 
         call = openai.completion_call(await gw.body(request))
         items = [{**call.kwargs, "prompt": p} for p in call.prompts]
-        return await serve(request, call, generate_task, items, "completions")
+        return await serve(request, who, call, generate_task, items, "completions")
 
-    async def serve(request: Request, call: Call, task: Any, items: list[dict[str, Any]],
-                    endpoint: str) -> Response:
+    async def serve(request: Request, who: str, call: Call, task: Any,
+                    items: list[dict[str, Any]], endpoint: str) -> Response:
         if call.ignored:
             log.warning("ignored fields of a %s request: %s", endpoint, ", ".join(call.ignored))
         model = gw.model_of(call)
         request.state.model = model
         stream = call.streams_text
+        # The key's own priority, where the body names none.
+        level = gw.settings.gateway_key_priorities.get(who)
+        if level is not None:
+            items = [{"priority": level, **item} for item in items]
         try:
             requests = [task.validate((), {**item, "model": model,
                                            **({"stream": True} if stream else {})})

@@ -20,8 +20,7 @@ from producer.schema import SAMPLING_FIELDS, Completion, TokenLogprob
 
 #: Fields that leave the output alone: accepted, not passed on.
 ACCEPTED = frozenset({"model", "stream", "stream_options", "user", "metadata", "store",
-                      "service_tier", "prompt_cache_key", "safety_identifier", "request_id",
-                      "priority"})
+                      "service_tier", "prompt_cache_key", "safety_identifier", "request_id"})
 #: Fields the fleet passes on under the same name.
 CHAT_FIELDS = SAMPLING_FIELDS - {"logprobs"} | {"response_format", "tools", "tool_choice",
                                                  "parallel_tool_calls"}
@@ -158,7 +157,7 @@ def _common(body: dict[str, Any], known: frozenset[str] | set[str]) -> Call:
     call = Call(model=model, kwargs={}, stream=bool(stream),
                 include_usage=bool((options or {}).get("include_usage")))
     call.ignored = sorted(k for k in body if k not in known and k not in ACCEPTED
-                          and k not in REFUSED and k != "max_completion_tokens")
+                          and k not in REFUSED and k not in ("max_completion_tokens", "priority"))
     tokens = body.get("max_completion_tokens")
     if tokens is None:
         tokens = body.get("max_tokens")
@@ -166,6 +165,8 @@ def _common(body: dict[str, Any], known: frozenset[str] | set[str]) -> Call:
         call.renamed["max_tokens"] = "max_completion_tokens"
     if tokens is not None:
         call.kwargs["max_tokens"] = tokens
+    if body.get("priority") is not None:  # vLLM's extra field: lower is sooner
+        call.kwargs["priority"] = body["priority"]
     return call
 
 

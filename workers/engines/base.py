@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from producer.schema import PRIORITY_LEVELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,9 @@ class EngineRequest:
     #: Called on the engine's thread with each new piece of the text while it is generated
     #: (a streaming request); it must return at once.
     on_text: Callable[[str], None] | None = None
+    #: Lower is sooner (``producer.schema.PRIORITY_LEVELS``): the engine schedules waiting
+    #: requests in this order.
+    priority: int = PRIORITY_LEVELS["default"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,8 @@ class EngineStats:
     max_running: int = 0
     requests_served: int = 0
     tokens_generated: int = 0
+    #: Requests inside the engine by priority: {priority: [running, waiting]}.
+    by_priority: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Engine(Protocol):

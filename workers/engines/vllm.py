@@ -48,6 +48,11 @@ def _request_error(error: Exception) -> FleetError:
     return InvalidRequest(f"{type(error).__name__}: {error}")
 
 
+#: How long a stats call waits for the engine thread to count requests by priority (it counts
+#: between two steps).
+PRIORITY_COUNT_TIMEOUT_S = 1.0
+
+
 def in_process_scheduler(engine: Any) -> Any:
     """The scheduler of an ``LLMEngine`` whose engine core runs in this process, else None."""
     core = getattr(engine.engine_core, "engine_core", None)
@@ -58,13 +63,14 @@ class _Pending:
     """A request inside the engine: who waits for it, and how much of a streamed text has
     been handed out."""
 
-    __slots__ = ("futures", "on_text", "prompt_tokens", "sent")
+    __slots__ = ("futures", "on_text", "priority", "prompt_tokens", "sent")
 
     def __init__(self, future: Future[EngineOutput], prompt_tokens: int,
-                 on_text: Callable[[str], None] | None) -> None:
+                 on_text: Callable[[str], None] | None, priority: int) -> None:
         self.futures = [future]
         self.prompt_tokens = prompt_tokens
         self.on_text = on_text
+        self.priority = priority
         self.sent = 0
 
     def stream(self, text: str) -> None:
@@ -137,7 +143,31 @@ class VLLMEngine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            return copy(self._stats)
+            stats = copy(self._stats)
+        stats.by_priority = self._by_priority()
+        return stats
+
+    def _by_priority(self) -> dict[int, list[int]]:
+        """Requests inside the engine per priority, [running, waiting] as vLLM's scheduler
+        holds them, counted on the engine thread between two steps. With the engine core in
+        its own process the scheduler is out of reach: every request is counted as waiting
+        until it finishes."""
+        def count() -> dict[int, list[int]]:
+            counts: dict[int, list[int]] = {}
+            scheduler = in_process_scheduler(self._engine)
+            for request in self._pending.values():
+                counts.setdefault(request.priority, [0, 0])[1] += 1
+            if scheduler is not None:
+                for request in scheduler.running:
+                    one = counts.setdefault(request.priority, [0, 0])
+                    one[0] += 1
+                    one[1] -= 1
+            return {p: [r, max(w, 0)] for p, (r, w) in sorted(counts.items())}
+
+        try:
+            return dict(self._on_engine_thread(count).result(PRIORITY_COUNT_TIMEOUT_S))
+        except Exception:  # not loaded, closing, or a long step: no counts this time
+            return {}
 
     def ping(self, timeout: float) -> bool:
         """Answered by the engine thread between two engine steps: a dead or hung engine fails."""
@@ -233,6 +263,8 @@ class VLLMEngine:
             # Prometheus logger records the vllm: metrics); the model is named by its fleet id.
             disable_log_stats=not self._log_stats_on,
             served_model_name=[self.model_id],
+            # Requests wait in the engine by their priority (lower first), then arrival.
+            scheduling_policy="priority",
             **optional,
             **vllm_options.engine_kwargs(c),  # structured outputs; checks parser and template
         )
@@ -378,7 +410,8 @@ class VLLMEngine:
             self._check_length(ids)
             params = self._sampling_params(request.sampling, len(ids),
                                            streaming=request.on_text is not None)
-            self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params)
+            self._engine.add_request(request.request_id, {"prompt_token_ids": ids}, params,
+                                     priority=request.priority)
         except Exception as e:  # ours, or vLLM's own validation of this one request
             if _engine_dead(e):  # not this request's fault: the engine is gone
                 with self._cond:  # failed after the death is reported, so it is requeued
@@ -387,7 +420,8 @@ class VLLMEngine:
                 return
             future.set_exception(_request_error(e))
         else:
-            pending[request.request_id] = _Pending(future, len(ids), request.on_text)
+            pending[request.request_id] = _Pending(future, len(ids), request.on_text,
+                                                   request.priority)
 
     def _text(self, request: EngineRequest) -> tuple[str, bool]:
         """What to tokenize, and whether the tokenizer adds its special tokens to it."""
