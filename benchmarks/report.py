@@ -98,6 +98,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         out["gateway"] = gateway(raw["gateway"])
     if "metrics" in raw:
         out["metrics"] = metrics(raw["metrics"])
+    if "priority" in raw:
+        out["priority"] = priority(raw["priority"])
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
@@ -242,6 +244,42 @@ def _paired(direct: dict[str, list[float]], fleet: dict[str, Any]) -> dict[str, 
     return out
 
 
+def priority(raw: dict[str, Any]) -> dict[str, float]:
+    """Per engine setting: the interactive caller's latency on the idle worker and under the
+    bulk job, priorities on and off (p50 and p99 over every run's requests, and as multiples
+    of the idle p50), and the bulk job's throughput with the caller over alone, as the median
+    of each repetition's pair (and their lowest and highest)."""
+    med = statistics.median
+    out: dict[str, float] = {}
+    for model, runs in raw.items():
+        if not isinstance(runs, dict):
+            continue
+        name = f"{model} (max_num_seqs {runs['max_num_seqs']})"
+        idle = med(runs["idle_ms"])
+        out[f"{name}: interactive p50 on an idle worker ms"] = idle
+        alone = [run["wall_s"] for run in runs["alone"]]
+        out[f"{name}: bulk job alone, requests/s"] = raw["bulk"] / med(alone)
+        out[f"{name}: bulk job alone, worker CPU per request ms"] = 1e3 * med(
+            run["cpu_s"] for run in runs["alone"]) / raw["bulk"]
+        for kind, label in (("on", "priorities on"), ("off", "priorities off")):
+            ms = [x for run in runs[kind] for x in run["interactive_ms"]]
+            p50, p99 = med(ms), _percentile(ms, 99)
+            out[f"{name}, {label}: interactive p50 ms"] = p50
+            out[f"{name}, {label}: interactive p99 ms"] = p99
+            out[f"{name}, {label}: interactive p50 / idle p50"] = p50 / idle
+            out[f"{name}, {label}: interactive p99 / idle p50"] = p99 / idle
+            pairs = [a / run["wall_s"] for a, run in zip(alone, runs[kind], strict=True)]
+            out[f"{name}, {label}: bulk throughput with caller / alone"] = med(pairs)
+            out[f"{name}, {label}: the same, lowest pair"] = min(pairs)
+            out[f"{name}, {label}: the same, highest pair"] = max(pairs)
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def table(figs: dict[str, Any]) -> str:
     rps = figs["requests_per_s"]
     names = [w.name for w in workloads()]
@@ -251,7 +289,8 @@ def table(figs: dict[str, Any]) -> str:
             f"{values[n]:>14.1f}" if n in values else f"{'-':>14}" for n in names))
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
-    for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway", "metrics"):
+    for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway", "metrics",
+                    "priority"):
         if section in figs:
             lines.append("")
             lines += rows(figs[section], 3 if section in ("paired", "metrics") else 2)

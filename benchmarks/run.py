@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["direct", "fleet", "openai", "gateway", "naive", "overhead",
-                                 "metrics"])
+                                 "metrics", "priority"])
     args = parser.parse_args()
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
@@ -44,7 +44,8 @@ def main() -> None:
             print(f"== {' and '.join(sorted(engines))}, interleaved", flush=True)
             results.update(bench_engines(env, args.reps, engines, redis.process))
         steps = {"openai": bench_openai, "gateway": bench_gateway, "naive": bench_naive,
-                 "overhead": bench_overhead, "metrics": bench_metrics}
+                 "overhead": bench_overhead, "metrics": bench_metrics,
+                 "priority": bench_priority}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -315,6 +316,12 @@ def bench_metrics(env: dict[str, str], reps: int) -> dict[str, Any]:
     from benchmarks.systems import metrics
 
     return metrics.measure(env, reps)
+
+
+def bench_priority(env: dict[str, str], reps: int) -> dict[str, Any]:
+    from benchmarks.systems import priority
+
+    return priority.measure(env, reps)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,22 @@ Two costs of kombu's transport are cut, both on the path of every task:
   one client.
 - kombu fetches one message per BRPOP, then records it as unacknowledged in a second round trip
   (``QoS.append``), which leaves a window in which a killed worker loses the message. A channel
-  here waits without popping (``BLMOVE`` of the queue onto itself), then takes up to its prefetch
+  here waits without popping (``BLMOVE`` of a list onto itself), then takes up to its prefetch
   room of waiting messages in one Lua script (``producer/lua/take.lua``), which pops them and
   records them as unacknowledged in the same atomic step: no message is ever popped without
   being recorded, and one round trip serves a backlog. While messages arrive faster than the
   worker takes them, the next take waits ``TAKE_WINDOW_S`` so that one take serves many; a lone
   message is taken at once.
+
+Priorities: kombu keeps each priority step of a queue (0, 3, 6, 9; a message goes to the highest
+step at or below its priority) in a list of its own, and the take empties sooner steps first.
+Redis blocks on one list at a time, so the fleet's puts also push an entry to the queue's wake
+list (``producer.naming.wake_key``), which the take removes once every step is empty: a worker
+waits on that one key and wakes for a message of any priority. A worker keeps 1/``URGENT_SHARE``
+of its prefetch room for step 0 (``interactive``), so a room full of batch work still takes an
+interactive task at once; vLLM's priority scheduling then runs it ahead of the batch requests
+waiting in the engine. A producer that does not use this transport (stock kombu) pushes no wake
+entry: its messages are taken at the latest when the wait times out (``brpop_timeout``, 1 s).
 
 Selected by the fleet's Celery config (``broker_transport``); ``redis://`` and ``rediss://`` URLs
 work unchanged. :class:`Connection` names such a connection by its URL's scheme, as tools that

@@ -79,6 +79,14 @@ engine = "fake"
 model = "flower-none"
 engine = "fake"
 
+[models.tiny-prio]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+max_num_seqs = 256
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

@@ -16,9 +16,10 @@ from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
-from workers.engines.vllm import VLLMEngine
+from workers.engines.vllm import VLLMEngine, in_process_scheduler
 
 _added: Counter[str] = Counter()  # request id -> times vLLM's add_request took it
+_priority: dict[str, int] = {}  # request id -> its priority in vLLM's scheduler
 _peak = {"unfinished": 0}  # most unfinished requests vLLM held at one step since the reset
 _engines: list[Any] = []  # every LLMEngine this process built, newest last
 _delay = {"seconds": 0.0}  # added before every engine step: work made long by construction
@@ -30,6 +31,10 @@ def _probe(llm: Any) -> Any:
     def probed_add(request_id: str, *args: Any, **kwargs: Any) -> Any:
         out = add_request(request_id, *args, **kwargs)
         _added[request_id] += 1
+        scheduler = in_process_scheduler(llm)
+        request = scheduler.requests.get(request_id) if scheduler is not None else None
+        if request is not None:  # the engine core runs here: read what vLLM itself holds
+            _priority[request_id] = request.priority
         return out
 
     def probed_step(*args: Any, **kwargs: Any) -> Any:
@@ -59,8 +64,10 @@ def _unfinished() -> int:
 
 @inspect_command(args=[("reset", bool)], signature="[reset=False]")
 def probe(state: Any, reset: bool = False) -> dict[str, Any]:
-    """What vLLM itself saw: requests added (id -> times), peak and current unfinished."""
-    seen = {"added": dict(_added), "peak_unfinished": _peak["unfinished"],
+    """What vLLM itself saw: requests added (id -> times), their priority in its scheduler,
+    peak and current unfinished."""
+    seen = {"added": dict(_added), "priority": dict(_priority),
+            "peak_unfinished": _peak["unfinished"],
             "unfinished": _unfinished()}
     if reset:
         _peak["unfinished"] = _unfinished()

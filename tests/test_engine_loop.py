@@ -43,7 +43,7 @@ class StandInLLMEngine:
 
         return tokenize
 
-    def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
+    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> None:
         self.waiting.append(request_id)
 
     def step(self) -> list[Any]:

@@ -416,3 +416,99 @@ def test_a_result_stored_while_the_result_consumer_reconnects_is_not_missed(
     monkeypatch.setattr(client, "pubsub", pubsub_after_a_write)
     assert result.get(timeout=3) == {"late": True}
     assert lost == [True]
+
+
+def _publish_at(app: Any, queue: str, bodies: list[Any], priority: int) -> None:
+    conn = Connection(app.conf.broker_url, transport="producer.transport:Transport")
+    with conn, conn.Producer() as producer:
+        for body in bodies:
+            producer.publish(body, routing_key=queue, declare=[], priority=priority)
+
+
+def test_a_message_of_any_priority_wakes_the_wait(app: Any, redis_client: Any) -> None:
+    """The wait is on the queue's wake list, which every put of the fleet's transport touches:
+    a message on a later priority step is taken at once, not when the wait times out."""
+    queue = _queue_with(redis_client, app, [])
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    try:
+        for priority in (9, 5, 0):
+            publisher = threading.Timer(0.3, _publish_at, (app, queue, [{"p": priority}],
+                                                           priority))
+            publisher.start()
+            t0 = time.monotonic()
+            conn.drain_events(timeout=5)
+            publisher.join()
+            assert got[-1].payload == {"p": priority}
+            assert time.monotonic() - t0 < 0.9  # brpop_timeout is 1 s
+        # The last take emptied every step: the wake list is gone, the next wait blocks.
+        assert redis_client.exists(transport.wake_key(queue)) == 0
+        for message in got:
+            message.ack()
+    finally:
+        conn.release()
+        redis_client.delete(queue, transport.wake_key(queue))
+
+
+def test_sooner_steps_are_taken_first_and_room_is_kept_for_the_soonest(
+    app: Any, redis_client: Any
+) -> None:
+    """A channel takes priority 0 before later steps, and fills at most its room less
+    1/URGENT_SHARE with later steps: a message at priority 0 sent after a backlog of batch
+    work is taken while that backlog still waits."""
+    queue = _queue_with(redis_client, app, [])
+    _publish_at(app, queue, [{"n": i} for i in range(40)], 9)
+    _publish_at(app, queue, [{"n": "first"}], 0)
+    got: list[Any] = []
+    prefetch = 16
+    conn, consumer = _consume(app, queue, prefetch, lambda body, message: got.append(message))
+    kept = prefetch // transport.URGENT_SHARE
+    try:
+        conn.drain_events(timeout=2)
+        assert got[0].payload == {"n": "first"}  # sent last, taken first
+        assert [m.payload["n"] for m in got[1:]] == list(range(prefetch - kept))
+        assert len(got) == prefetch - kept + 1
+        # Full but for the kept room: the wait is on priority 0's list alone ...
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        assert len(got) == prefetch - kept + 1  # the batch backlog stays in Redis
+        # ... which a message at priority 0 wakes at once.
+        threading.Timer(0.2, _publish_at, (app, queue, [{"n": "second"}], 0)).start()
+        t0 = time.monotonic()
+        conn.drain_events(timeout=5)
+        assert got[-1].payload == {"n": "second"} and time.monotonic() - t0 < 0.9
+        # Batch work that finishes frees its room for more batch work.
+        for message in got[1:5]:
+            message.ack()
+        conn.drain_events(timeout=2)
+        assert [m.payload["n"] for m in got[-4:]] == list(range(14, 18))
+        for message in got:
+            if message.acknowledged is False:
+                message.ack()
+    finally:
+        conn.release()
+        redis_client.delete(queue, *(f"{queue}\x06\x16{s}" for s in (3, 6, 9)),
+                            transport.wake_key(queue))
+
+
+def test_a_restored_message_goes_back_to_its_own_priority_step(
+    app: Any, redis_client: Any
+) -> None:
+    queue = _queue_with(redis_client, app, [])
+    _publish_at(app, queue, [{"n": 1}], 7)
+    got: list[Any] = []
+    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    step = f"{queue}\x06\x166"  # kombu's step 6 holds priorities 6 to 8
+    try:
+        conn.drain_events(timeout=2)
+        assert redis_client.llen(step) == 0 and not redis_client.exists(transport.wake_key(queue))
+        consumer.channel.qos.restore_by_tag(got[0].delivery_tag)  # a dead worker's sweep
+        assert redis_client.llen(step) == 1 and redis_client.llen(queue) == 0
+        restored = json.loads(redis_client.lindex(step, 0))
+        assert restored["properties"]["priority"] == 7
+        assert restored["headers"]["redelivered"] is True
+        assert redis_client.exists(transport.wake_key(queue))  # waiting workers wake
+    finally:
+        conn.release()
+        redis_client.delete(queue, step, transport.wake_key(queue))

@@ -123,8 +123,8 @@ def test_render_shows_engines_queues_and_missing_figures() -> None:
 @pytest.fixture(scope="module")
 def top_fleet(fleet_env: dict[str, str], app: Any, redis_client: Any,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """A worker on the fake engine that served a few tasks, and three tasks (one at priority
-    step 9) waiting for a model no engine serves."""
+    """A worker on the fake engine that served a few tasks, and three tasks (two at the
+    default priority, step 3, one at priority step 9) waiting for a model no engine serves."""
     from producer import generate
 
     fleet = Fleet(fleet_env, tmp_path_factory.mktemp("top-logs"))
@@ -136,7 +136,8 @@ def top_fleet(fleet_env: dict[str, str], app: Any, redis_client: Any,
     generate.apply_async(kwargs={"prompt": "waits last", "model": STRANDED}, priority=9)
     yield fleet
     fleet.stop_all()
-    redis_client.delete(*redis_client.keys(f"fleet.model.{STRANDED}*"))
+    redis_client.delete(*redis_client.keys(f"fleet.model.{STRANDED}*"),
+                        f"fleet.wake.fleet.model.{STRANDED}")
 
 
 def _fleet_top(env: dict[str, str], *args: str) -> tuple[int, int]:
@@ -184,7 +185,7 @@ def test_top_in_a_terminal_shows_engine_and_queue_and_quits(
     code = None
     try:
         before = termios.tcgetattr(fd)
-        shown = re.compile(rf"{ENGINE}\W+test\W+{MODEL}\W+ready.*{STRANDED}\W+3\W+0:2 9:1\W+0/0"
+        shown = re.compile(rf"{ENGINE}\W+test\W+{MODEL}\W+ready.*{STRANDED}\W+3\W+3:2 9:1\W+0/0"
                            r"\W+no engine takes these tasks", re.S)
         _read_until(fd, shown, timeout=60)
         sent = time.monotonic()
@@ -230,7 +231,7 @@ def test_top_without_a_terminal_prints_one_snapshot_with_rates(
     cells = [c.strip() for c in row.split("│")[1:-1]]
     assert cells[:4] == [ENGINE, "test", MODEL, "ready"]
     assert float(cells[7]) > 0, row  # requests/s
-    assert re.search(rf"{STRANDED}\W+3\W+0:2 9:1\W+0/0", out.stdout), out.stdout
+    assert re.search(rf"{STRANDED}\W+3\W+3:2 9:1\W+0/0", out.stdout), out.stdout
     print(f"fleet top (not a terminal) printed in {took:.1f}s")
 
 
