@@ -32,9 +32,11 @@ def _probe(llm: Any) -> Any:
         out = add_request(request_id, *args, **kwargs)
         _added[request_id] += 1
         scheduler = in_process_scheduler(llm)
-        request = scheduler.requests.get(request_id) if scheduler is not None else None
-        if request is not None:  # the engine core runs here: read what vLLM itself holds
-            _priority[request_id] = request.priority
+        if scheduler is not None and scheduler.requests:  # the engine core runs here
+            # The request just added, under vLLM's internal id (the given one plus a suffix).
+            request = next(reversed(scheduler.requests.values()))
+            if request.request_id.startswith(request_id):
+                _priority[request_id] = request.priority
         return out
 
     def probed_step(*args: Any, **kwargs: Any) -> Any:
