@@ -145,6 +145,10 @@ def test_errors_are_the_sdks_own_classes(client: Any, gateway: GatewayProc) -> N
         client.chat.completions.create(model=MODEL, messages=[{"role": "bob", "content": "x"}])
     assert bad.value.body["param"] == "messages.0.role"
     with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=HELLO,
+                                       extra_body={"priority": "urgent"})
+    assert bad.value.body["param"] == "priority" and "interactive" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
     assert bad.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as bad:
@@ -308,4 +312,49 @@ def test_a_worker_lost_mid_stream_ends_the_stream_with_an_error(
         texts = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:-2]]
         assert all(texts) and len(texts) < 200  # the first run's text only, never again
     finally:
+        fleet.stop_all()
+
+
+def test_priority_from_the_body_or_the_key_reaches_the_task(
+        fleet_env: dict[str, str], app: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """vLLM's ``priority`` field is passed on; without it a key's own priority
+    (FLEET_GATEWAY_KEY_PRIORITIES) is the task's. Read from the tasks the worker holds while
+    the slow fake engine streams them."""
+    import threading
+
+    import httpx
+
+    fleet = Fleet(fleet_env, tmp_path_factory.mktemp("gw-priority"))
+    worker = fleet.start(SLOW, "gwprio1", include="tests.slow_stream")
+    gw = start_gateway({**fleet_env, "FLEET_GATEWAY_KEY_PRIORITIES": '{"tests": "batch"}'},
+                       fleet.logdir, "gateway-priorities")
+    try:
+        fleet.wait_ready(app, worker)
+        bodies = [{"model": SLOW, "messages": HELLO, "max_tokens": 40, "stream": True},
+                  {"model": SLOW, "messages": HELLO, "max_tokens": 40, "stream": True,
+                   "priority": "interactive"}]
+
+        def send(body: dict[str, Any]) -> None:
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {GATEWAY_KEY}"}) as response:
+                assert response.status_code == 200
+                for _ in response.iter_lines():
+                    pass
+
+        threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
+        for thread in threads:
+            thread.start()
+        held: list[Any] = []
+
+        def both_held() -> bool:
+            active = app.control.inspect(destination=[worker.node], timeout=1).active() or {}
+            held[:] = [task["kwargs"].get("priority") for task in active.get(worker.node, [])]
+            return len(held) == 2
+
+        wait_until(both_held, 20, "the worker to hold both streaming tasks")
+        assert sorted(held) == [0, 9]  # the body's interactive, the key's batch
+        for thread in threads:
+            thread.join(60)
+    finally:
+        gw.stop()
         fleet.stop_all()

