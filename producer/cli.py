@@ -301,6 +301,49 @@ def demo() -> None:
     raise typer.Exit(run_demo())
 
 
+batch = typer.Typer(help="Batch jobs: OpenAI batch files through the fleet.",
+                    no_args_is_help=True)
+cli.add_typer(batch, name="batch")
+
+
+@batch.command("run")
+def batch_run(
+    input_file: Annotated[Path, typer.Argument(
+        metavar="INPUT.jsonl", exists=True, dir_okay=False, help="OpenAI batch input file.")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", dir_okay=False, help="Where result lines go (appended).")],
+    errors: Annotated[Path | None, typer.Option(
+        dir_okay=False, help="Error lines here instead of in the output.")] = None,
+    ordered: Annotated[bool, typer.Option(
+        "--ordered", help="Write results in input order (as vllm run-batch).")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Send again the requests whose line is an error.")] = False,
+    priority: Annotated[str, typer.Option(
+        help="Priority of every request: 0-9, interactive, default or batch.")] = "batch",
+    chunk_size: Annotated[int, typer.Option(help="Requests per message.")] = 256,
+    window: Annotated[int, typer.Option(help="Messages in flight at once.")] = 32,
+) -> None:
+    """Run INPUT.jsonl through the fleet, each result written to OUTPUT as it arrives; run it
+    again to resume (lines already in OUTPUT are skipped); Ctrl-C cancels what is in flight."""
+    from producer.batchjob import resume_command, run_batch
+    from producer.batchview import ProgressView, summary_text
+    from producer.errors import InvalidRequest
+
+    level: int | str = int(priority) if priority.isdigit() else priority
+    try:
+        with ProgressView() as view:
+            summary = run_batch(input_file, output, errors_path=errors, ordered=ordered,
+                                retry_failed=retry_failed, priority=level,
+                                chunk_size=chunk_size, window=window, on_progress=view)
+    except InvalidRequest as e:
+        typer.echo(f"fleet batch run: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary_text(summary), err=True)
+    if summary.cancelled:
+        typer.echo(f"resume with: {resume_command()}", err=True)
+        raise typer.Exit(130)
+
+
 def main() -> None:
     try:
         cli()

@@ -26,9 +26,10 @@ Priorities: kombu keeps each priority step of a queue (0, 3, 6, 9; a message goe
 step at or below its priority) in a list of its own, and the take empties sooner steps first.
 Redis blocks on one list at a time, so the fleet's puts also push an entry to the queue's wake
 list (``producer.naming.wake_key``), which the take removes once every step is empty: a worker
-waits on that one key and wakes for a message of any priority. A worker keeps 1/``URGENT_SHARE``
-of its prefetch room for step 0 (``interactive``), so a room full of batch work still takes an
-interactive task at once; vLLM's priority scheduling then runs it ahead of the batch requests
+waits on that one key and wakes for a message of any priority. A worker keeps a room of its own
+for step 0 (``interactive``, 1/``URGENT_SHARE`` more), so a room full of batch work still takes an
+interactive task at once (the worker's prefetch is its room plus that share, so the rest keep
+their whole room); vLLM's priority scheduling then runs it ahead of the batch requests
 waiting in the engine. A producer that does not use this transport (stock kombu) pushes no wake
 entry: its messages are taken at the latest when the wait times out (``brpop_timeout``, 1 s).
 
@@ -93,11 +94,24 @@ def _check_envelope(payload: Any) -> None:
         raise MalformedMessage("envelope body or headers have the wrong type", payload)
 
 
-#: A worker keeps this share of its prefetch room (at least one message) for messages of the
-#: soonest priority step (``interactive``): a room filled with later work still takes them.
+#: A worker's room for messages of the soonest priority step (``interactive``) is its room for
+#: the others and an eighth more (at least one): a room filled with later work still takes them.
+#: The worker raises its prefetch by that eighth (``workers/bootstep.py``, :func:`kept_room`).
 URGENT_SHARE = 8
-#: While only that kept room is left, the worker waits on the soonest step's list and looks at
-#: the other steps again after this long (the room frees as tasks finish).
+
+
+def kept_room(prefetch: int) -> int:
+    """Of a prefetch room, the part kept for the soonest step: the eighth added on top of the
+    room for the rest (prefetch = room + room // URGENT_SHARE)."""
+    return max(1, prefetch // (URGENT_SHARE + 1))
+
+
+def urgent_extra(room: int) -> int:
+    """What a worker whose room for later steps is ``room`` adds to its prefetch."""
+    return max(1, room // URGENT_SHARE)
+#: While only that kept room is left, the worker waits on the soonest step's list; it takes
+#: from the other steps again as soon as its tasks finish (``Channel.acked``), and at the latest
+#: after this long.
 FULL_WAIT_S = 0.05
 
 #: At most this many messages per take (besides the prefetch room).
@@ -139,6 +153,7 @@ class Channel(kombu_redis.Channel):
     _last_take = 0.0  # monotonic time of the last take that found messages
     _stream = False  # the last take found more than one message
     _take_due: Any = None  # the timer of a take scheduled after TAKE_WINDOW_S
+    _full_wait = False  # the wait is on the soonest step only: the room for later ones is full
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -216,6 +231,20 @@ class Channel(kombu_redis.Channel):
         for message in messages:
             virtual.QoS.ack(self.qos, message.delivery_tag)
             message._state = "ACK"
+        loop = getattr(self.connection, "loop", None)
+        if self._full_wait and loop is not None:
+            # The room for later steps was full and now frees: take them rather than wait for
+            # the wait on the soonest step to time out (the hub's call_soon wakes it).
+            loop.call_soon(self._room_freed)
+
+    def _room_freed(self) -> None:
+        """On the event loop: a take of later steps, TAKE_WINDOW_S from now, so that the room
+        freed by the tasks finishing meanwhile fills in one take, as a stream's takes do."""
+        loop = getattr(self.connection, "loop", None)
+        if (self._full_wait and not self._closing and self._take_due is None
+                and loop is not None and self._later_room() > 0):
+            self._full_wait = False
+            self._take_due = loop.call_later(TAKE_WINDOW_S, self._take_late)
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         """Kombu's put (the message goes to its priority step's list), and an entry on the
@@ -249,8 +278,8 @@ class Channel(kombu_redis.Channel):
         atomic step, so no message is ever popped without being recorded.
 
         While the room kept for the soonest priority step is all that is left, the wait is on
-        that step's list instead (only such a message can be taken), and ends after
-        ``FULL_WAIT_S`` to take later steps again as the room frees."""
+        that step's list instead (only such a message can be taken); finished tasks that free
+        room for later steps take them at once (:meth:`acked`)."""
         if self.global_keyprefix:  # kombu's own path (the take's keys are not prefixed)
             return super()._brpop_start(timeout)
         if self._take_due is not None:  # a take is scheduled: it comes first
@@ -263,7 +292,8 @@ class Channel(kombu_redis.Channel):
         # times out (brpop_timeout, 1 s).
         model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
         wait = self.brpop_timeout if timeout is None else timeout
-        if self._later_room() > 0:
+        self._full_wait = self._later_room() <= 0
+        if not self._full_wait:
             key = wake_key(model)
         else:
             key, wait = self._q_for_pri(model, 0), min(wait, FULL_WAIT_S)
@@ -284,6 +314,7 @@ class Channel(kombu_redis.Channel):
                 raise
         finally:
             self._in_poll = None  # type: ignore[assignment]
+            self._full_wait = False
             self._flush_brpop_reauth()
         # Woken (or timed out, when another queue may hold something): take what waits,
         # after TAKE_WINDOW_S when the last take was that recent (a stream of messages).
@@ -348,7 +379,7 @@ class Channel(kombu_redis.Channel):
 
     def _later_room(self) -> int:
         """How many more messages of later priority steps than the soonest this channel may
-        take: its prefetch room less the share kept for the soonest step (``URGENT_SHARE``)."""
+        take: its prefetch room less the part kept for the soonest step (:func:`kept_room`)."""
         qos = self.qos
         limit = qos.prefetch_count
         if not limit:
@@ -356,8 +387,7 @@ class Channel(kombu_redis.Channel):
         held = qos._delivered
         dirty = qos._dirty
         self._held_later = {t for t in self._held_later if t in held and t not in dirty}
-        keep = max(1, limit // URGENT_SHARE)
-        return max(0, min(limit - keep - len(self._held_later),
+        return max(0, min(limit - kept_room(limit) - len(self._held_later),
                           qos.can_consume_max_estimate() or 0))
 
     def _take_script_call(self, client: Any, keys: list[str], count: int, urgent: int,

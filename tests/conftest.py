@@ -87,6 +87,11 @@ enforce_eager = true
 kv_cache_memory_bytes = 268435456
 max_num_seqs = 256
 
+[models.batch-fake]
+model = "batch-fake"
+engine = "fake"
+max_tokens_cap = 64
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512

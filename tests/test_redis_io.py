@@ -453,21 +453,22 @@ def test_a_message_of_any_priority_wakes_the_wait(app: Any, redis_client: Any) -
 def test_sooner_steps_are_taken_first_and_room_is_kept_for_the_soonest(
     app: Any, redis_client: Any
 ) -> None:
-    """A channel takes priority 0 before later steps, and fills at most its room less
-    1/URGENT_SHARE with later steps: a message at priority 0 sent after a backlog of batch
-    work is taken while that backlog still waits."""
+    """A channel takes priority 0 before later steps, and fills at most its prefetch room less
+    the part kept for step 0 with later steps: a message at priority 0 sent after a backlog of
+    batch work is taken while that backlog still waits."""
     queue = _queue_with(redis_client, app, [])
     _publish_at(app, queue, [{"n": i} for i in range(40)], 9)
     _publish_at(app, queue, [{"n": "first"}], 0)
     got: list[Any] = []
     prefetch = 16
     conn, _ = _consume(app, queue, prefetch, lambda body, message: got.append(message))
-    kept = prefetch // transport.URGENT_SHARE
+    kept = transport.kept_room(prefetch)
     try:
         conn.drain_events(timeout=2)
         assert got[0].payload == {"n": "first"}  # sent last, taken first
         assert [m.payload["n"] for m in got[1:]] == list(range(prefetch - kept))
         assert len(got) == prefetch - kept + 1
+        got[0].ack()  # the interactive task is done: its kept room is free again
         # Full but for the kept room: the wait is on priority 0's list alone ...
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
@@ -482,7 +483,8 @@ def test_sooner_steps_are_taken_first_and_room_is_kept_for_the_soonest(
         for message in got[1:5]:
             message.ack()
         conn.drain_events(timeout=2)
-        assert [m.payload["n"] for m in got[-4:]] == list(range(14, 18))
+        assert [m.payload["n"] for m in got[-4:]] == list(range(prefetch - kept,
+                                                               prefetch - kept + 4))
         for message in got:
             if message.acknowledged is False:
                 message.ack()

@@ -27,6 +27,7 @@ from celery.exceptions import ImproperlyConfigured
 from producer import naming
 from producer.engines import queue_depths
 from producer.settings import TINY_MODEL_ID, get_settings
+from producer.transport import urgent_extra
 from workers.batcher import Batcher
 from workers.cpu import request_amx
 from workers.delivery import Deliveries
@@ -200,6 +201,9 @@ class EngineStep(bootsteps.StartStopStep):
         consumer = worker.consumer
 
         def consume() -> None:  # on the consumer's thread, which owns its queues
+            # Room for interactive tasks on top of the room for the rest (producer/transport.py).
+            consumer.qos.increment_eventually(urgent_extra(consumer.qos.value))
+            consumer.qos.update()
             consumer.add_task_queue(queue)
             log.info("%s consuming %s", worker.hostname, queue)
 

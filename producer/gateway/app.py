@@ -30,7 +30,7 @@ from producer import errors
 from producer.gateway import openai
 from producer.gateway.metrics import Metrics
 from producer.gateway.models import READY_STATES, ModelDirectory
-from producer.gateway.openai import ApiError, Call
+from producer.gateway.openai import RETRY_AFTER_S, ApiError, Call, api_error
 from producer.gateway.results import Results, follow
 from producer.schema import Completion, to_wire
 from producer.settings import FleetSettings
@@ -38,36 +38,6 @@ from producer.streams import completion_of
 from producer.tasks import check_size
 
 log = logging.getLogger("fleet.gateway")
-
-#: Seconds a client is told to wait (Retry-After) when no engine of its model is live.
-RETRY_AFTER_S = 5
-
-
-def status_of(error: BaseException) -> int:
-    """The HTTP status of a fleet error: what an OpenAI client does next."""
-    if isinstance(error, errors.UnknownModel):
-        return 404
-    if isinstance(error, errors.RequestTooLarge):
-        return 413
-    if isinstance(error, errors.DeadLettered):
-        return 500
-    if isinstance(error, errors.RequestRejected):
-        return 400
-    if isinstance(error, errors.FleetUnavailable | TaskRevokedError):
-        return 503
-    return 500
-
-
-def api_error(error: BaseException, call: Call | None = None) -> ApiError:
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, errors.InvalidRequest) and call is not None:
-        return openai.invalid(error, call)
-    status = status_of(error)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    code = type(error).__name__ if isinstance(error, errors.FleetError) else None
-    return ApiError(status, str(error) or type(error).__name__, code=code, headers=headers)
-
 
 class Gateway:
     """What the routes share: settings, the task senders, the waiters, the model directory."""

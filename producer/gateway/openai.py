@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.exceptions import TaskRevokedError
+
+from producer import errors
 from producer.errors import InvalidRequest
 from producer.schema import SAMPLING_FIELDS, Completion, TokenLogprob
 
@@ -213,6 +216,36 @@ def invalid(error: InvalidRequest, call: Call) -> ApiError:
             message = renamed + message[len(path):]
             path = renamed
     return ApiError(400, message, param=path)
+
+
+#: Seconds a client is told to wait (Retry-After) when no engine of its model is live.
+RETRY_AFTER_S = 5
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status of a fleet error: what an OpenAI client does next."""
+    if isinstance(error, errors.UnknownModel):
+        return 404
+    if isinstance(error, errors.RequestTooLarge):
+        return 413
+    if isinstance(error, errors.DeadLettered):
+        return 500
+    if isinstance(error, errors.RequestRejected):
+        return 400
+    if isinstance(error, errors.FleetUnavailable | TaskRevokedError):
+        return 503
+    return 500
+
+
+def api_error(error: BaseException, call: Call | None = None) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, errors.InvalidRequest) and call is not None:
+        return invalid(error, call)
+    status = status_of(error)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    code = type(error).__name__ if isinstance(error, errors.FleetError) else None
+    return ApiError(status, str(error) or type(error).__name__, code=code, headers=headers)
 
 
 # --- responses --------------------------------------------------------------------------------
