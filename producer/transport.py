@@ -239,11 +239,11 @@ class Channel(kombu_redis.Channel):
 
     def _room_freed(self) -> None:
         """On the event loop: a take of later steps, TAKE_WINDOW_S from now, so that the room
-        freed by the tasks finishing meanwhile fills in one take, as a stream's takes do."""
+        freed by the tasks finishing meanwhile fills in one take, as a stream's takes do (the
+        wait on the soonest step goes on; each later burst of finished tasks takes again)."""
         loop = getattr(self.connection, "loop", None)
         if (self._full_wait and not self._closing and self._take_due is None
                 and loop is not None and self._later_room() > 0):
-            self._full_wait = False
             self._take_due = loop.call_later(TAKE_WINDOW_S, self._take_late)
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:

@@ -99,47 +99,54 @@ def test_mixed_valid_and_invalid_lines(fake_worker: WorkerProc, tmp_path: Path) 
     assert summary.done == summary.total
 
 
-def test_kill_9_mid_job_then_resume_loses_nothing_and_writes_nothing_twice(
-        fake_worker: WorkerProc, fleet_env: dict[str, str], tmp_path: Path) -> None:
-    n = 20_000
-    source = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
+#: Lines of the jobs stopped mid-way.
+LONG = 20_000
+
+
+def long_job_under_way(fleet_env: dict[str, str], tmp_path: Path
+                       ) -> tuple[subprocess.Popen[str], Path, Path]:
+    """The CLI on LONG lines, once part of the results is written."""
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(LONG)])
     out = tmp_path / "out.jsonl"
     run = batch_cli(fleet_env, str(source), "-o", str(out), "--chunk-size", "64")
-    wait_until(lambda: out.exists() and out.stat().st_size > 200_000, 120,
+    wait_until(lambda: out.exists() and out.stat().st_size > 100_000, 120,
                "a part of the results")
+    return run, source, out
+
+
+def finish_and_check_each_once(fleet_env: dict[str, str], source: Path, out: Path) -> str:
+    """Run the job again to its end; every custom_id has exactly one line."""
+    finished = batch_cli(fleet_env, str(source), "-o", str(out))
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    ids = Counter(g["custom_id"] for g in read_lines(out))
+    assert len(ids) == LONG and set(ids.values()) == {1}  # none lost, none twice
+    return err
+
+
+def test_kill_9_mid_job_then_resume_loses_nothing_and_writes_nothing_twice(
+        fake_worker: WorkerProc, fleet_env: dict[str, str], tmp_path: Path) -> None:
+    run, source, out = long_job_under_way(fleet_env, tmp_path)
     run.send_signal(signal.SIGKILL)
     run.wait()
     written = out.read_bytes()
-    assert 0 < written.count(b"\n") < n  # killed mid-job
+    assert 0 < written.count(b"\n") < LONG  # killed mid-job
     with out.open("ab") as f:
         f.write(b'{"id": "batch_req_partial", "custom_id": "req-')  # a torn last line
-    resumed = batch_cli(fleet_env, str(source), "-o", str(out))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    ids = Counter(g["custom_id"] for g in read_lines(out))
-    assert len(ids) == n and set(ids.values()) == {1}  # none lost, none twice
+    err = finish_and_check_each_once(fleet_env, source, out)
     assert "skipped" in err and "finished" in err
 
 
 def test_ctrl_c_cancels_what_is_in_flight_and_prints_the_resume_command(
         fake_worker: WorkerProc, fleet_env: dict[str, str], tmp_path: Path) -> None:
-    n = 20_000
-    source = write_lines(tmp_path / "in.jsonl", [chat_line(i) for i in range(n)])
-    out = tmp_path / "out.jsonl"
-    run = batch_cli(fleet_env, str(source), "-o", str(out), "--chunk-size", "64")
-    wait_until(lambda: out.exists() and out.stat().st_size > 100_000, 120,
-               "a part of the results")
+    run, source, out = long_job_under_way(fleet_env, tmp_path)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert "cancelled" in err and f"resume with: fleet batch run {source} -o {out}" in err
     kept = Counter(g["custom_id"] for g in read_lines(out))
-    assert 0 < len(kept) < n and set(kept.values()) == {1}
-    finished = batch_cli(fleet_env, str(source), "-o", str(out))
-    _, err = finished.communicate(timeout=300)
-    assert finished.returncode == 0, err
-    ids = Counter(g["custom_id"] for g in read_lines(out))
-    assert len(ids) == n and set(ids.values()) == {1}
+    assert 0 < len(kept) < LONG and set(kept.values()) == {1}
+    finish_and_check_each_once(fleet_env, source, out)
 
 
 def test_retry_failed_sends_error_lines_again_and_keeps_one_line_each(
