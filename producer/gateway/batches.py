@@ -136,7 +136,10 @@ class Store:
         _write_json(self.batches_dir / f"{batch['id']}.json", batch)
 
     def update(self, batch_id: str, **changes: Any) -> dict[str, Any]:
-        with self.lock:
+        """Read, change and write a batch's object under a lock every gateway sharing the folder
+        takes (a cancel from one gateway is not overwritten by another's progress)."""
+        with self.lock, self.path(batch_id, "update.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             batch = {**self.batch(batch_id), **changes}
             self.save(batch)
             return batch
