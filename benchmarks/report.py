@@ -100,6 +100,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         out["metrics"] = metrics(raw["metrics"])
     if "priority" in raw:
         out["priority"] = priority(raw["priority"])
+    if "batch" in raw:
+        out["batch"] = batch_file(raw["batch"])
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
@@ -275,6 +277,30 @@ def priority(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def batch_file(raw: dict[str, Any]) -> dict[str, float]:
+    """``fleet batch run`` beside ``vllm run-batch``: each one's lines per second, (N - 1) over
+    the difference of its N-line and one-line runs (medians), their ratio, the CLI's peak
+    memory on a million lines, and the kill -9 resume's counts."""
+    med = statistics.median
+    out: dict[str, float] = {}
+    rate = {}
+    for system in ("fleet", "vllm"):
+        runs = raw[system]
+        rate[system] = (raw["n"] - 1) / (med(runs["n_s"]) - med(runs["one_s"]))
+        out[f"{raw['n']} chat lines x {raw['max_tokens']}, {system} lines/s"] = rate[system]
+        out[f"{system}: one-line run s"] = med(runs["one_s"])
+    out["fleet batch run / vllm run-batch, lines/s"] = rate["fleet"] / rate["vllm"]
+    if "memory" in raw:
+        memory = raw["memory"]
+        out[f"fleet batch run peak RSS on {memory['lines']} lines MB"] = (
+            memory["peak_rss_bytes"] / 2**20)
+    if "resume" in raw:
+        resume = raw["resume"]
+        out["kill -9 mid-job then resume: lines lost"] = resume["lost"]
+        out["kill -9 mid-job then resume: custom_id written twice"] = resume["twice"]
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -290,7 +316,7 @@ def table(figs: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
     for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway", "metrics",
-                    "priority"):
+                    "priority", "batch"):
         if section in figs:
             lines.append("")
             lines += rows(figs[section], 3 if section in ("paired", "metrics") else 2)

@@ -29,10 +29,14 @@ FAKE_MODELS = '{"fake": {"model": "fake", "engine": "fake", "max_tokens_cap": 51
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["direct", "fleet", "openai", "gateway", "naive", "overhead",
-                                 "metrics", "priority"])
+    steps_named = ["direct", "fleet", "openai", "gateway", "naive", "overhead", "metrics",
+                   "priority", "batch"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=steps_named)
+    parser.add_argument("--only", nargs="*", default=[], choices=steps_named,
+                        help="run these steps and skip the rest")
     args = parser.parse_args()
+    if args.only:
+        args.skip = [step for step in steps_named if step not in args.only]
     with LocalRedis() as redis:
         env = processes.env_with(FLEET_BROKER_URL=redis.url, BENCH_BROKER_URL=redis.url,
                                  FLEET_MODELS=FAKE_MODELS)
@@ -45,7 +49,7 @@ def main() -> None:
             results.update(bench_engines(env, args.reps, engines, redis.process))
         steps = {"openai": bench_openai, "gateway": bench_gateway, "naive": bench_naive,
                  "overhead": bench_overhead, "metrics": bench_metrics,
-                 "priority": bench_priority}
+                 "priority": bench_priority, "batch": bench_batch}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -322,6 +326,12 @@ def bench_priority(env: dict[str, str], reps: int) -> dict[str, Any]:
     from benchmarks.systems import priority
 
     return priority.measure(env, reps)
+
+
+def bench_batch(env: dict[str, str], reps: int) -> dict[str, Any]:
+    from benchmarks.systems import batchfile
+
+    return batchfile.measure(env, reps)
 
 
 if __name__ == "__main__":

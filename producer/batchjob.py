@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -95,10 +96,12 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
               errors_path: str | os.PathLike[str] | None = None, ordered: bool = False,
               retry_failed: bool = False, priority: int | str = "batch",
               chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW,
-              on_progress: Callable[[Summary], None] | None = None) -> Summary:
+              on_progress: Callable[[Summary], None] | None = None,
+              stop: threading.Event | None = None, url: str | None = None) -> Summary:
     """Run a batch file through the fleet (see the module's docstring); returns its summary.
-    A KeyboardInterrupt revokes what is in flight (the engines abort it), keeps what was
-    written, and returns the summary with ``cancelled`` set."""
+    A KeyboardInterrupt, or ``stop`` set, revokes what is in flight (the engines abort it),
+    keeps what was written, and returns the summary with ``cancelled`` set. With ``url``,
+    every line must be for that endpoint (a Batch API batch has one)."""
     if not 1 <= chunk_size <= MAX_BATCH:
         raise InvalidRequest(f"chunk_size: from 1 to {MAX_BATCH} (got {chunk_size})")
     if window < 1:
@@ -111,20 +114,26 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     summary.total = count_lines(Path(input_path))
     resumed = recover(output, errors_file, retry_failed)
     started = time.monotonic()
-    job = _Job(summary, level, chunk_size, resumed)
+    job = _Job(summary, level, chunk_size, resumed, url)
     with _Writer(output, errors_file, ordered) as writer:
         job.writer = writer
         try:
             for index, raw in enumerate(_lines(Path(input_path))):
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 job.take(index, raw)
                 job.send_full_chunks()
                 job.collect(wait=False)
                 _report(on_progress, summary, started)
                 while job.in_flight_count() >= window:
+                    if stop is not None and stop.is_set():
+                        raise KeyboardInterrupt
                     job.collect(wait=True)
                     _report(on_progress, summary, started)
             job.send_full_chunks(flush=True)
             while job.in_flight_count():
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 job.collect(wait=True)
                 _report(on_progress, summary, started)
         except KeyboardInterrupt:
@@ -236,7 +245,7 @@ class BadLine(Exception):
         self.error = error
 
 
-def parse_line(raw: bytes) -> tuple[str, str, Call]:
+def parse_line(raw: bytes, url: str | None = None) -> tuple[str, str, Call]:
     """An input line's ``custom_id``, kind (``chat`` or ``completions``) and the fleet call of
     its body, read as the gateway reads a body; BadLine naming the field at fault."""
     line = _parsed(raw)
@@ -251,6 +260,9 @@ def parse_line(raw: bytes) -> tuple[str, str, Call]:
             raise ApiError(400, f"method: must be 'POST' (got {line.get('method')!r})",
                            param="method")
         kind = URLS.get(str(line.get("url")))
+        if url is not None and line.get("url") != url:
+            raise ApiError(400, f"url: this batch's endpoint is {url} (got "
+                                f"{line.get('url')!r})", param="url")
         if kind is None:
             raise ApiError(400, f"url: one of {', '.join(URLS)} (got {line.get('url')!r})",
                            param="url")
@@ -311,7 +323,7 @@ class _Job:
     """The lines on their way: chunks being filled, messages in flight, results read."""
 
     def __init__(self, summary: Summary, priority: int, chunk_size: int,
-                 resumed: set[int]) -> None:
+                 resumed: set[int], url: str | None = None) -> None:
         from producer.celery_app import app
         from producer.settings import get_settings
 
@@ -321,6 +333,7 @@ class _Job:
         self.summary = summary
         self.priority = priority
         self.chunk_size = chunk_size
+        self.url = url
         #: custom_id hashes with a line from an earlier run, and those taken in this one.
         self.resumed = resumed
         self.seen: set[int] = set()
@@ -342,7 +355,7 @@ class _Job:
             self.summary.total -= 1  # a blank line is no request
             return self._put(index, None)
         try:
-            custom_id, kind, call = parse_line(raw)
+            custom_id, kind, call = parse_line(raw, self.url)
         except BadLine as e:
             if e.custom_id is not None and self._taken_before(e.custom_id):
                 return self._put(index, None)

@@ -214,6 +214,11 @@ class FleetSettings(BaseSettings):
     gateway_key_priorities: dict[str, Priority] = Field(default_factory=dict)
     """The priority of the requests sent with each key, by key name, where a request names none
     (JSON: ``{"evals": "batch"}``); a key not named here sends at ``default``."""
+    gateway_files_dir: Path = Path(".fleet") / "gateway"
+    """Where the gateway keeps the Batch API's files and batches (never in Redis); gateways
+    that share it share the batches, each driven by one of them."""
+    gateway_max_file_bytes: int = Field(default=200 * 2**20, gt=0)
+    """Largest file the gateway accepts (``POST /v1/files``; OpenAI's limit: 200 MB)."""
     gateway_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds the gateway waits for a task; then it answers 504 and revokes the task."""
 

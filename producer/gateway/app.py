@@ -53,6 +53,8 @@ class Gateway:
         self.senders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="send")
         self.redis: Any = None
         self.results: Results | None = None
+        self.store: Any = None
+        self.driver: Any = None
 
     async def start(self) -> None:
         import redis.asyncio
@@ -67,8 +69,16 @@ class Gateway:
         self.results = Results(self.redis, self.backend)
         await self.results.start()
         await self.models.start()
+        # The Batch API's files and batches: take up the unfinished batches no one drives.
+        from producer.gateway.batches import Driver, Store
+
+        self.store = Store(self.settings.gateway_files_dir)
+        self.driver = Driver(self.store)
+        self.driver.resume_all()
 
     async def stop(self) -> None:
+        if self.driver is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.driver.stop)
         await self.models.stop()
         if self.results is not None:
             await self.results.stop()
@@ -379,10 +389,73 @@ def create_app(settings: FleetSettings, *, insecure: bool = False) -> Starlette:
         finally:
             await gw.stop()
 
+    # --- the Batch API: files and batches (producer/gateway/batches.py) ------------------------
+
+    async def create_file(request: Request, who: str) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        limit = gw.settings.gateway_max_file_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the file is above the gateway's limit of {limit} bytes "
+                                f"(FLEET_GATEWAY_MAX_FILE_BYTES)", code="file_too_large")
+        form = await request.form(max_part_size=limit)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "batch":
+            raise ApiError(400, f"purpose: only 'batch' is served (got {purpose!r})",
+                           param="purpose")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "file: a file part is required", param="file")
+        meta = await run_in_threadpool(gw.store.add_file, upload.filename or "upload.jsonl",
+                                       purpose, upload.file)
+        return JSONResponse(meta)
+
+    async def get_file(request: Request, who: str) -> Response:
+        return JSONResponse(gw.store.public_file(request.path_params["file_id"]))
+
+    async def file_content(request: Request, who: str) -> Response:
+        from starlette.responses import FileResponse
+
+        return FileResponse(gw.store.content(request.path_params["file_id"]),
+                            media_type="application/jsonl")
+
+    async def create_batch(request: Request, who: str) -> Response:
+        batch = gw.store.create_batch(await gw.body(request))
+        gw.driver.start(batch["id"])
+        return JSONResponse(batch)
+
+    async def get_batch(request: Request, who: str) -> Response:
+        return JSONResponse(gw.store.batch(request.path_params["batch_id"]))
+
+    async def list_batches(request: Request, who: str) -> Response:
+        batches = gw.store.batches()
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [b["id"] for b in batches]
+            batches = batches[ids.index(after) + 1:] if after in ids else []
+        limit = request.query_params.get("limit", "20")
+        n = int(limit) if limit.isdigit() else 20
+        page = batches[:max(1, min(n, 100))]
+        return JSONResponse({"object": "list", "data": page,
+                             "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None,
+                             "has_more": len(batches) > len(page)})
+
+    async def cancel_batch(request: Request, who: str) -> Response:
+        return JSONResponse(gw.driver.cancel(request.path_params["batch_id"]))
+
     app = Starlette(routes=[
         Route("/v1/models", route("models", models), methods=["GET"]),
         Route("/v1/chat/completions", route("chat", chat), methods=["POST"]),
         Route("/v1/completions", route("completions", completions), methods=["POST"]),
+        Route("/v1/files", route("files", create_file), methods=["POST"]),
+        Route("/v1/files/{file_id}", route("files", get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}/content", route("files", file_content), methods=["GET"]),
+        Route("/v1/batches", route("batches", create_batch), methods=["POST"]),
+        Route("/v1/batches", route("batches", list_batches), methods=["GET"]),
+        Route("/v1/batches/{batch_id}", route("batches", get_batch), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", route("batches", cancel_batch),
+              methods=["POST"]),
         Route("/health", route("health", health, open_=True), methods=["GET"]),
         Route("/metrics", route("metrics", metrics, open_=True), methods=["GET"]),
     ], lifespan=lifespan)

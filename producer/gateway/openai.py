@@ -65,7 +65,8 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape, with its HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 413: "invalid_request_error",
+             404: "invalid_request_error", 409: "invalid_request_error",
+             413: "invalid_request_error",
              503: "service_unavailable_error", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
