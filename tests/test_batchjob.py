@@ -211,3 +211,22 @@ def test_a_batch_file_on_the_real_engine_reads_back_as_the_sdks_types(
             text = Completion.model_validate(body)
             assert text.usage is not None and text.usage.completion_tokens == 8
     assert "succeeded 80" in err and time.monotonic() - started < 300
+
+
+def test_progress_lines_and_summary_off_a_terminal() -> None:
+    import io
+
+    from producer.batchjob import Summary
+    from producer.batchview import ProgressView, summary_text
+
+    stream = io.StringIO()
+    s = Summary(total=100, succeeded=40, failed={400: 2}, skipped=8, completion_tokens=1280,
+                wall_s=2.0, output="out.jsonl", errors="out.jsonl")
+    with ProgressView(stream, terminal=False) as view:
+        view(s)
+        view(s)  # within PLAIN_EVERY_S: no second line
+    assert stream.getvalue() == ("batch: 50/100 done, 2 failed, 21.0 req/s, 640 tok/s, "
+                                 "elapsed 0:00:02, ETA 0:00:02\n")
+    text = summary_text(s)
+    assert "succeeded 40, failed 2 (2 x 400), skipped 8" in text
+    assert "tokens: 0 in, 1280 out" in text and "error lines: in out.jsonl" in text
