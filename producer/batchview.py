@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from producer.batchjob import Summary
+from producer.gateway.batchfile import Summary
 
 #: Seconds between two progress lines when stderr is not a terminal.
 PLAIN_EVERY_S = 10.0

@@ -325,9 +325,9 @@ def batch_run(
 ) -> None:
     """Run INPUT.jsonl through the fleet, each result written to OUTPUT as it arrives; run it
     again to resume (lines already in OUTPUT are skipped); Ctrl-C cancels what is in flight."""
-    from producer.batchjob import resume_command, run_batch
     from producer.batchview import ProgressView, summary_text
     from producer.errors import InvalidRequest
+    from producer.gateway.batchfile import resume_command, run_batch
 
     level: int | str = int(priority) if priority.isdigit() else priority
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from producer.batchjob import recover, run_batch
+from producer.gateway.batchfile import recover, run_batch
 from tests.harness import Fleet, WorkerProc, wait_until
 
 MODEL = "batch-fake"
@@ -216,8 +216,8 @@ def test_a_batch_file_on_the_real_engine_reads_back_as_the_sdks_types(
 def test_progress_lines_and_summary_off_a_terminal() -> None:
     import io
 
-    from producer.batchjob import Summary
     from producer.batchview import ProgressView, summary_text
+    from producer.gateway.batchfile import Summary
 
     stream = io.StringIO()
     s = Summary(total=100, succeeded=40, failed={400: 2}, skipped=8, completion_tokens=1280,

@@ -4,10 +4,10 @@ Everything lives in ``FLEET_GATEWAY_FILES_DIR``, never in Redis: an uploaded fil
 ``files/<id>`` with its OpenAI file object beside it (``files/<id>.json``); a batch is
 ``batches/<id>.json`` (OpenAI's batch object, replaced atomically at every change), and its
 result lines go to ``batches/<id>.output.jsonl`` and ``batches/<id>.errors.jsonl``, written by
-``producer.batchjob.run_batch`` on a thread of the gateway that drives it. That gateway holds
-``batches/<id>.lock`` (``flock``), so that one gateway drives a batch however many share the
-folder. A gateway that starts takes up every unfinished batch whose lock is free: ``run_batch``
-resumes from the lines already written and never writes a ``custom_id`` twice.
+``run_batch`` (``producer/gateway/batchfile.py``) on a thread of the gateway that drives it.
+That gateway holds ``batches/<id>.lock`` (``flock``), so that one gateway drives a batch however
+many share the folder. A gateway that starts takes up every unfinished batch whose lock is free:
+``run_batch`` resumes from the lines already written and never writes a ``custom_id`` twice.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from producer.batchjob import URLS, Summary, count_lines, run_batch
+from producer.gateway.batchfile import URLS, Summary, count_lines, run_batch
 from producer.gateway.openai import ApiError
 
 log = logging.getLogger("fleet.gateway.batches")

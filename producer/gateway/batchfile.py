@@ -1,4 +1,4 @@
-"""Batch jobs: an OpenAI batch file through the fleet, each result written as it arrives.
+"""Batch files: an OpenAI batch file through the fleet, each result written as it arrives.
 
 ``fleet batch run INPUT.jsonl -o OUTPUT.jsonl`` (and :func:`run_batch` behind it). The input is
 OpenAI's batch format, which ``vllm run-batch`` also reads: one request a line, ``{"custom_id",
