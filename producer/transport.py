@@ -250,8 +250,11 @@ class Channel(kombu_redis.Channel):
         """Kombu's put (the message goes to its priority step's list), and an entry on the
         queue's wake list in the same round trip: a worker waiting on that one key wakes for
         a message of any priority."""
-        if self.global_keyprefix or (self._expires and queue in self._expires):
-            return super()._put(queue, message, **kwargs)  # kombu's own path
+        if (self.global_keyprefix or (self._expires and queue in self._expires)
+                or not queue.startswith(MODEL_QUEUE_PREFIX)):
+            # kombu's own path: no worker waits on another queue's wake list (an engine's own
+            # queue is looked at when the wait times out), so none is kept for it.
+            return super()._put(queue, message, **kwargs)
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         wake, body = wake_key(queue), dumps(message)
         batch = kwargs.get("_publish_batch")
@@ -269,7 +272,8 @@ class Channel(kombu_redis.Channel):
         the step from the message) and wakes the workers waiting on its queue."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         for queue in self._lookup(exchange, routing_key):
-            pipe.lpush(wake_key(queue), 1)
+            if queue.startswith(MODEL_QUEUE_PREFIX):
+                pipe.lpush(wake_key(queue), 1)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Wait for a message without taking it: ``BLMOVE w w RIGHT RIGHT`` on the model
@@ -293,10 +297,12 @@ class Channel(kombu_redis.Channel):
         model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
         wait = self.brpop_timeout if timeout is None else timeout
         self._full_wait = self._later_room() <= 0
-        if not self._full_wait:
-            key = wake_key(model)
-        else:
+        if self._full_wait:
             key, wait = self._q_for_pri(model, 0), min(wait, FULL_WAIT_S)
+        elif model.startswith(MODEL_QUEUE_PREFIX):
+            key = wake_key(model)
+        else:  # a queue with no wake list: its soonest step, as kombu's own wait
+            key = self._q_for_pri(model, 0)
         self._in_poll = self.client.connection
         # kombu's half-open socket check reads when the wait was sent.
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
