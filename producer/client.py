@@ -15,7 +15,6 @@ from typing import Any
 
 from celery.result import AsyncResult, ResultSet
 
-from producer import errors
 from producer.errors import FleetError, InvalidRequest
 from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest, Scheduling, parse
 from producer.streams import TextStream
@@ -210,14 +209,7 @@ def _outcome(item: dict[str, Any]) -> Completion | BaseException:
     if "failed" in item:  # the whole message failed
         error = item["failed"]
         return error if isinstance(error, BaseException) else FleetError(str(error))
-    result = ItemResult.model_validate(item, strict=False)
-    if result.ok is not None:
-        return result.ok
-    assert result.error is not None
-    cls = getattr(errors, result.error.type, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.FleetError)):
-        cls = errors.FleetError
-    return cls(result.error.message)
+    return ItemResult.model_validate(item, strict=False).outcome()
 
 
 def _collect(handles: list[AsyncResult], sizes: list[int], timeout: float | None,

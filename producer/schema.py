@@ -27,7 +27,8 @@ from pydantic import (
 from pydantic_core import CoreSchema
 from pydantic_core.core_schema import UnionSchema
 
-from producer.errors import InvalidRequest
+from producer import errors
+from producer.errors import FleetError, InvalidRequest
 from producer.explain import describe
 from producer.naming import ID_PATTERN, MODEL_ID_PATTERN
 
@@ -525,6 +526,16 @@ class ItemResult(_Frozen):
     """The completion, if the item succeeded."""
     error: ItemError | None = None
     """The error, if it failed."""
+
+    def outcome(self) -> Completion | FleetError:
+        """The completion, or the fleet error the item failed with (its class by name)."""
+        if self.ok is not None:
+            return self.ok
+        error = self.error or ItemError(type="FleetError", message="the request failed")
+        cls = getattr(errors, error.type, None)
+        if not (isinstance(cls, type) and issubclass(cls, FleetError)):
+            cls = FleetError
+        return cls(error.message)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -294,7 +294,7 @@ class Channel(kombu_redis.Channel):
         # Redis blocks on one list at a time here: the model queue's, where the traffic is. A
         # message on another queue (an engine's own) is taken at the latest when the wait
         # times out (brpop_timeout, 1 s).
-        model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
+        model = _model_queue(queues)
         wait = self.brpop_timeout if timeout is None else timeout
         self._full_wait = self._later_room() <= 0
         if self._full_wait:
@@ -356,7 +356,7 @@ class Channel(kombu_redis.Channel):
         queues = list(self.active_queues)
         if count <= 0 or not queues:
             return 0
-        model = next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
+        model = _model_queue(queues)
         first, *later = self.priority_steps
         keys = [self.unacked_key, self.unacked_index_key, wake_key(model),
                 *(self._q_for_pri(q, first) for q in queues),
@@ -418,6 +418,11 @@ class Channel(kombu_redis.Channel):
                 keep_malformed(client, raw, str(error))
         except Exception:
             log.exception("could not keep the malformed message in %s", MALFORMED_QUEUE)
+
+
+def _model_queue(queues: list[str]) -> str:
+    """The queue a worker's wait and wake list follow: its model's, where the traffic is."""
+    return next((q for q in queues if q.startswith(MODEL_QUEUE_PREFIX)), queues[0])
 
 
 def malformed_entry(raw: Any, reason: str) -> bytes:

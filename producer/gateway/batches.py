@@ -42,6 +42,16 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read(folder: Path, object_id: str, kind: str, param: str) -> dict[str, Any]:
+    """A stored object by id; 404 in OpenAI's words when there is none."""
+    path = folder / f"{object_id}.json"
+    if "/" in object_id or not path.exists():
+        raise ApiError(404, f"No such {kind} object: {object_id}", param=param,
+                       code="not_found")
+    found: dict[str, Any] = json.loads(path.read_text())
+    return found
+
+
 class Store:
     """Files and batches in one folder."""
 
@@ -71,12 +81,7 @@ class Store:
         return meta
 
     def file(self, file_id: str) -> dict[str, Any]:
-        path = self.files_dir / f"{file_id}.json"
-        if "/" in file_id or not path.exists():
-            raise ApiError(404, f"No such File object: {file_id}", param="file_id",
-                           code="not_found")
-        meta: dict[str, Any] = json.loads(path.read_text())
-        return meta
+        return _read(self.files_dir, file_id, "File", "file_id")
 
     def public_file(self, file_id: str) -> dict[str, Any]:
         return {k: v for k, v in self.file(file_id).items() if k != "path"}
@@ -120,12 +125,7 @@ class Store:
         return batch
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        path = self.batches_dir / f"{batch_id}.json"
-        if "/" in batch_id or not path.exists():
-            raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id",
-                           code="not_found")
-        batch: dict[str, Any] = json.loads(path.read_text())
-        return batch
+        return _read(self.batches_dir, batch_id, "Batch", "batch_id")
 
     def batches(self) -> list[dict[str, Any]]:
         """Every batch, newest first."""

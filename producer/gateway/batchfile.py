@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import ValidationError
+
 from producer import errors
 from producer.errors import FleetError, InvalidRequest
 from producer.gateway import openai
 from producer.gateway.openai import ApiError, Call
-from producer.schema import MAX_BATCH, Completion, ManyRequest, Scheduling, parse
+from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest, Scheduling, parse
 
 log = logging.getLogger(__name__)
 
@@ -510,13 +512,10 @@ class _Job:
 
 
 def _item_outcome(item: Any) -> Completion | FleetError:
-    if isinstance(item, dict) and item.get("ok") is not None:
-        return Completion.model_validate(item["ok"], strict=False)
-    error = (item or {}).get("error") or {}
-    cls = getattr(errors, str(error.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, FleetError)):
-        cls = FleetError
-    return cls(str(error.get("message", "the request failed")))
+    try:
+        return ItemResult.model_validate(item, strict=False).outcome()
+    except ValidationError:
+        return FleetError("the request failed")
 
 
 def resume_command(argv: list[str] | None = None) -> str:
