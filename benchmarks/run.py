@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
     steps_named = ["direct", "fleet", "openai", "gateway", "naive", "overhead", "metrics",
-                   "priority", "batch"]
+                   "priority", "batch", "remote"]
     parser.add_argument("--skip", nargs="*", default=[], choices=steps_named)
     parser.add_argument("--only", nargs="*", default=[], choices=steps_named,
                         help="run these steps and skip the rest")
@@ -49,7 +49,7 @@ def main() -> None:
             results.update(bench_engines(env, args.reps, engines, redis.process))
         steps = {"openai": bench_openai, "gateway": bench_gateway, "naive": bench_naive,
                  "overhead": bench_overhead, "metrics": bench_metrics,
-                 "priority": bench_priority, "batch": bench_batch}
+                 "priority": bench_priority, "batch": bench_batch, "remote": bench_remote}
         for name, step in steps.items():
             if name not in args.skip:
                 print(f"== {name}", flush=True)
@@ -332,6 +332,12 @@ def bench_batch(env: dict[str, str], reps: int) -> dict[str, Any]:
     from benchmarks.systems import batchfile
 
     return batchfile.measure(env, reps)
+
+
+def bench_remote(env: dict[str, str], reps: int) -> dict[str, Any]:
+    from benchmarks.systems import remote
+
+    return remote.measure(env, reps)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """vllm-fleet, application side: enqueue generation and chat tasks on the fleet.
 
-    from producer import generate, chat
+    from producer import Fleet, chat, generate
     generate.delay("Write a haiku", model="tiny", max_tokens=64).get()
+
+    with Fleet(model="tiny") as llm:        # one model, blocking calls, defaults
+        llm.generate("Write a haiku", max_tokens=64).text
 
 Imports neither vLLM nor torch.
 """
@@ -21,6 +24,7 @@ from producer.errors import (
     StreamBroken,
     UnknownModel,
 )
+from producer.fleet import Fleet
 from producer.schema import ChatMessage, ChatRequest, Completion, GenerateRequest, Sampling
 from producer.tasks import chat, chat_many, engine_status, generate, generate_many, warmup
 
@@ -31,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DeadLettered",
     "EngineFailed",
+    "Fleet",
     "FleetError",
     "FleetUnavailable",
     "GenerateRequest",

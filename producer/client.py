@@ -9,41 +9,54 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 from celery.result import AsyncResult, ResultSet
 
 from producer.errors import FleetError, InvalidRequest
-from producer.schema import MAX_BATCH, Completion, ItemResult, ManyRequest, Scheduling, parse
+from producer.schema import (
+    MAX_BATCH,
+    Completion,
+    ItemResult,
+    ManyRequest,
+    Sampling,
+    Scheduling,
+    parse,
+)
 from producer.streams import TextStream
-from producer.tasks import ManyTask, ModelTask, chat_many, generate_many, item_wire
+from producer.tasks import ManyTask, ModelTask, chat_many, generate_many, item_wire, with_params
 from producer.tasks import chat as chat_task
 from producer.tasks import generate as generate_task
 
 PROGRESS_MIN_ITEMS = 32
 DEFAULT_CHUNK = 256
+#: A reusable set of sampling knobs: keywords of the same call win over it.
+Params = Sampling | Mapping[str, Any] | None
 
 
-def generate(prompt: str, *, model: str, timeout: float | None = None, **params: Any) -> Completion:
+def generate(prompt: str, *, model: str, params: Params = None, timeout: float | None = None,
+             **sampling: Any) -> Completion:
     """Complete one prompt and wait for the result."""
-    return _one(generate_task, (prompt,), {"model": model, **params}, timeout)
+    return _one(generate_task, (prompt,), {"model": model, "params": params, **sampling}, timeout)
 
 
 def chat(
     messages: Sequence[dict[str, Any]],
     *,
     model: str,
+    params: Params = None,
     timeout: float | None = None,
-    **params: Any,
+    **sampling: Any,
 ) -> Completion:
     """Answer one conversation and wait for the result."""
-    return _one(chat_task, (list(messages),), {"model": model, **params}, timeout)
+    return _one(chat_task, (list(messages),), {"model": model, "params": params, **sampling},
+                timeout)
 
 
-def stream_generate(prompt: str, *, model: str, timeout: float | None = None,
-                    **params: Any) -> TextStream:
+def stream_generate(prompt: str, *, model: str, params: Params = None,
+                    timeout: float | None = None, **sampling: Any) -> TextStream:
     """Complete one prompt, following the text as it is generated::
 
         with stream_generate("Once upon a time", model="tiny", max_tokens=64) as text:
@@ -55,16 +68,18 @@ def stream_generate(prompt: str, *, model: str, timeout: float | None = None,
     the task. A text cut off because its worker was lost raises StreamBroken (never restarted
     or spliced text).
     """
-    handle = generate_task.apply_async((prompt,), {"model": model, **params, "stream": True})
+    handle = generate_task.apply_async(
+        (prompt,), {"model": model, "params": params, **sampling, "stream": True})
     return TextStream(handle, timeout)
 
 
-def stream_chat(messages: Sequence[dict[str, Any]], *, model: str,
-                timeout: float | None = None, **params: Any) -> TextStream:
+def stream_chat(messages: Sequence[dict[str, Any]], *, model: str, params: Params = None,
+                timeout: float | None = None, **sampling: Any) -> TextStream:
     """Answer one conversation, following the reply as it is generated (as
     :func:`stream_generate`). With tools offered, the reply comes whole at the end and its
     calls are in ``completion.tool_calls``."""
-    handle = chat_task.apply_async((list(messages),), {"model": model, **params, "stream": True})
+    handle = chat_task.apply_async(
+        (list(messages),), {"model": model, "params": params, **sampling, "stream": True})
     return TextStream(handle, timeout)
 
 
@@ -77,17 +92,20 @@ def generate_batch(
     progress: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     priority: int | str = "batch",
-    **params: Any,
+    params: Params = None,
+    **sampling: Any,
 ) -> list[Any]:
     """Complete many prompts; results come back in input order.
 
     An item is a prompt, or a dict of one request's fields (``{"prompt": ..., "max_tokens": 8}``)
-    that override the shared ``params``. Prompts travel ``chunk_size`` to a message (task
-    ``fleet.generate_many``), so the queue costs one round trip per chunk, not per prompt;
-    chunks spread over the model's engines. Every item has the call's ``priority`` (by default
-    ``batch``: interactive and default requests for the model go ahead of it).
+    that override the call's sampling keywords, which override ``params``. Prompts travel
+    ``chunk_size`` to a message (task ``fleet.generate_many``), so the queue costs one round
+    trip per chunk, not per prompt; chunks spread over the model's engines. Every item has the
+    call's ``priority`` (by default ``batch``: interactive and default requests for the model
+    go ahead of it).
     """
-    calls = [_call("prompt", item, model, params) for item in prompts]
+    shared = with_params(params, sampling)
+    calls = [_call("prompt", item, model, shared) for item in prompts]
     return _run(generate_task, generate_many, calls, "prompts", timeout, return_exceptions,
                 progress, chunk_size, priority)
 
@@ -101,12 +119,14 @@ def chat_batch(
     progress: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     priority: int | str = "batch",
-    **params: Any,
+    params: Params = None,
+    **sampling: Any,
 ) -> list[Any]:
     """Answer many conversations, in input order; an item is a message list or a dict of one
     request's fields (``{"messages": [...], "seed": 1}``). Chunked and prioritised like
     generate_batch."""
-    calls = [_call("messages", item, model, params) for item in conversations]
+    shared = with_params(params, sampling)
+    calls = [_call("messages", item, model, shared) for item in conversations]
     return _run(chat_task, chat_many, calls, "conversations", timeout, return_exceptions,
                 progress, chunk_size, priority)
 
@@ -133,14 +153,14 @@ def wait_for_engine(model: str, *, timeout: float = 300.0, interval: float = 1.0
 
 
 def _call(field: str, item: Any, model: str,
-          params: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+          shared: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The (args, kwargs) of one batch item: a bare value, or a dict of its own fields."""
     if isinstance(item, dict):
-        return (), {"model": model, **params, **item}
+        return (), {"model": model, **shared, **item}
     # A tuple of messages is a conversation too; anything else is left for validation to name.
     if field == "messages" and isinstance(item, tuple):
         item = list(item)
-    return (item,), {"model": model, **params}
+    return (item,), {"model": model, **shared}
 
 
 def _one(task: ModelTask, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -10,6 +10,8 @@
     ├── FleetUnavailable       try again later; the request itself is fine
     │   ├── NoEngine           no engine serves the model right now
     │   ├── EngineFailed       the engine failed while serving the request
+    │   │   └── EngineUnreachable  a remote engine's server did not answer (the worker puts
+    │   │                      the task back in its queue; seen only if it cannot)
     │   └── StreamBroken       a streamed text was cut off (its worker was lost); send again
     └── ConfigError            fix the settings: the file or variable the message names
 
@@ -57,6 +59,11 @@ class NoEngine(FleetUnavailable):
 
 class EngineFailed(FleetUnavailable):
     """The engine failed while serving the request."""
+
+
+class EngineUnreachable(EngineFailed):
+    """The server of a remote engine (``engine = "openai"``) could not be reached, or refused
+    the worker's key: the task goes back to its queue for another engine."""
 
 
 class StreamBroken(FleetUnavailable):

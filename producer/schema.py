@@ -477,8 +477,8 @@ class TopLogprob(_Frozen):
 
     token: str
     """The token's text."""
-    token_id: int
-    """The token's id."""
+    token_id: int | None = None
+    """The token's id (None from a remote engine: OpenAI's API reports tokens as text)."""
     logprob: float
     """Its log-probability."""
 

@@ -72,15 +72,39 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    model: str
-    """Local directory or hub id of the weights (hub ids need the weights in the local cache)."""
+    model: str = ""
+    """Local directory or hub id of the weights (hub ids need the weights in the local cache).
+    Required for engine ``vllm``; not used by engine ``openai``."""
     served_model_name: list[ModelId] = Field(default_factory=list)
     """Other names the model answers to besides its id (vLLM's ``--served-model-name``); the
     gateway and ``/v1/models`` list them."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to ``model``."""
-    engine: Literal["vllm", "fake"] = "vllm"
-    """``vllm``: the real engine. ``fake``: the deterministic stand-in (queue benchmarks only)."""
+    engine: Literal["vllm", "openai", "fake"] = "vllm"
+    """``vllm``: the engine resident in the worker. ``openai``: a remote engine, an
+    OpenAI-compatible server (``vllm serve`` elsewhere) that the worker sends the model's
+    requests to (``base_url``, ``api_key_env``, ``remote_model``, ``max_in_flight``,
+    ``request_timeout_s``; the engine settings below are the server's business and are not
+    used). ``fake``: the deterministic stand-in (queue benchmarks only)."""
+    base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
+    """Engine ``openai``: the server's API root, with its ``/v1`` (``http://gpu-box:8000/v1``)."""
+    api_key_env: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = (
+        None)
+    """Engine ``openai``: the name of the environment variable holding the server's API key
+    (sent as a bearer token); the key itself is never written in the config. None: no key."""
+    remote_model: str | None = None
+    """Engine ``openai``: the name the server serves the model under (the ``model`` of its
+    requests, vLLM's ``--served-model-name``). None: the fleet's model id."""
+    max_in_flight: int = Field(default=256, ge=1)
+    """Engine ``openai``: most requests the worker has open against the server at once (the
+    server's running batch is at most this); the rest wait in the worker, soonest priority
+    first."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Engine ``openai``: seconds one request may take at the server; then it fails with
+    EngineFailed."""
+    health_interval_s: float = Field(default=2.0, gt=0)
+    """Engine ``openai``: seconds between two checks that the server answers and serves the
+    model (``GET /models``); the worker consumes the model's queue only while it does."""
     max_model_len: int | None = Field(default=None, ge=-1)
     """Context length (prompt + output tokens); defaults to the model's own. -1: the longest
     that fits the KV cache vLLM can allocate (vLLM's auto-fit)."""
@@ -127,6 +151,17 @@ class ModelConfig(BaseModel):
     """Largest max_tokens a request may ask of this model."""
     defaults: Sampling = Field(default_factory=Sampling)
     """Sampling defaults of this model for the knobs a request leaves unset."""
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ModelConfig:
+        if self.engine == "openai":
+            if self.base_url is None:
+                raise ValueError("base_url: required for engine 'openai' (the server's API "
+                                 "root, e.g. http://gpu-box:8000/v1)")
+        elif not self.model:
+            raise ValueError(f"model: required for engine {self.engine!r} (the weights' "
+                             f"directory or hub id)")
+        return self
 
     @field_validator("max_model_len")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
@@ -22,9 +22,11 @@ from producer.celery_app import app
 from producer.errors import InvalidRequest, RequestTooLarge
 from producer.schema import (
     PRIORITY_LEVELS,
+    SAMPLING_FIELDS,
     ChatRequest,
     GenerateRequest,
     ManyRequest,
+    Sampling,
     StatusRequest,
     WarmupRequest,
     parse,
@@ -68,6 +70,9 @@ class ModelTask(Task):
         **options: Any,
     ) -> AsyncResult:
         kwargs = dict(kwargs or {})
+        if "params" in kwargs and issubclass(self.schema, Sampling):
+            # Expanded before validation: the wire carries the fields, never a params object.
+            kwargs = with_params(kwargs.pop("params"), kwargs)
         if "priority" in options and "priority" in self.schema.model_fields:
             # Celery's own option names the same thing: one value, checked like the field.
             given = options.pop("priority")
@@ -105,14 +110,14 @@ class ModelTask(Task):
 
 
 class GenerateTask(ModelTask):
-    """``generate.delay(prompt, model=..., **sampling)``: complete a prompt."""
+    """``generate.delay(prompt, model=..., params=..., **sampling)``: complete a prompt."""
 
     schema = GenerateRequest
     positional = ("prompt",)
 
 
 class ChatTask(ModelTask):
-    """``chat.delay(messages, model=..., **sampling)``: answer a conversation."""
+    """``chat.delay(messages, model=..., params=..., **sampling)``: answer a conversation."""
 
     schema = ChatRequest
     positional = ("messages",)
@@ -198,6 +203,27 @@ def check_size(wire: dict[str, Any]) -> None:
             f"request: its message is {size} bytes, above the fleet's limit of {limit} "
             f"(FLEET_MAX_MESSAGE_BYTES); send fewer or shorter requests per call"
         )
+
+
+def with_params(params: Sampling | Mapping[str, Any] | None,
+                keywords: dict[str, Any]) -> dict[str, Any]:
+    """``keywords`` over the sampling fields ``params`` sets: a Sampling, or a mapping of its
+    fields (validated as one); InvalidRequest naming ``params`` otherwise."""
+    if params is None:
+        return keywords
+    if isinstance(params, Sampling):
+        # Only its sampling fields: a request (a Sampling too) passed as params brings no prompt.
+        params = params.model_dump(include=set(SAMPLING_FIELDS), exclude_unset=True)
+    if not isinstance(params, Mapping):
+        raise InvalidRequest(f"params: a producer.Sampling or a mapping of sampling fields, "
+                             f"not {type(params).__name__} (got {params!r:.80})")
+    try:
+        # Checked here, even a Sampling (model_construct skips validation), so that an error
+        # says the bad field came from params.
+        base = parse(Sampling, dict(params))
+    except InvalidRequest as e:
+        raise InvalidRequest(f"params: {e}") from None
+    return {**base.model_dump(exclude_unset=True, exclude_none=True), **keywords}
 
 
 def item_wire(request: GenerateRequest | ChatRequest) -> dict[str, Any]:

@@ -159,6 +159,9 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         #: Tags the take recorded as unacknowledged, until QoS.append sees them.
         self.recorded: set[str] = set()
+        #: Queues consumed without acknowledgements (a client's reply queue): the take records
+        #: nothing for them, or the visibility sweep would deliver their messages again.
+        self._no_ack: set[str] = set()
         #: Tags of held messages taken from later priority steps than the soonest.
         self._held_later: set[str] = set()
 
@@ -199,7 +202,13 @@ class Channel(kombu_redis.Channel):
                     log.debug("could not ack the refused message", exc_info=True)
                 return None
 
+        if no_ack:  # taken unrecorded, as kombu's own pop takes them (reply queues)
+            self._no_ack.add(queue)
         return super().basic_consume(queue, no_ack, guarded, consumer_tag, **kwargs)
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        self._no_ack.discard(self._tag_to_queue.get(consumer_tag, ""))
+        return super().basic_cancel(consumer_tag)
 
     def forget_unacked(self, tags: list[str], pipe: Any = None) -> None:
         """Drop acknowledged messages from Redis's unacked records: one round trip for any
@@ -361,8 +370,11 @@ class Channel(kombu_redis.Channel):
         keys = [self.unacked_key, self.unacked_index_key, wake_key(model),
                 *(self._q_for_pri(q, first) for q in queues),
                 *(self._q_for_pri(q, pri) for pri in later for q in queues)]
+        lists = [*queues, *(q for _ in later for q in queues)]
+        record = ["0" if q in self._no_ack else "1" for q in lists]
         with self.conn_or_acquire() as client:
-            taken = self._take_script_call(client, keys, count, len(queues), self._later_room())
+            taken = self._take_script_call(client, keys, count, len(queues), self._later_room(),
+                                           record)
         for i in range(0, len(taken), 3):
             n, tag, raw = int(taken[i]), bytes_to_str(taken[i + 1]), taken[i + 2]
             queue = self._queue_of(keys[n + 2])
@@ -397,8 +409,9 @@ class Channel(kombu_redis.Channel):
                           qos.can_consume_max_estimate() or 0))
 
     def _take_script_call(self, client: Any, keys: list[str], count: int, urgent: int,
-                          later: int) -> Any:
-        args = [len(keys), *keys, count, time.time(), urgent, later]
+                          later: int, record: list[str] | None = None) -> Any:
+        record = record or ["1"] * (len(keys) - 3)
+        args = [len(keys), *keys, count, time.time(), urgent, later, *record]
         try:
             return client.execute_command("EVALSHA", TAKE_SHA, *args)
         except redis.exceptions.NoScriptError:  # a first take, or Redis lost its scripts

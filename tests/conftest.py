@@ -92,12 +92,26 @@ model = "batch-fake"
 engine = "fake"
 max_tokens_cap = 64
 
+[models.fleetobj-fake]
+model = "fleetobj-fake"
+engine = "fake"
+
 [models.tiny-late]
 model = "{tiny}"
 max_model_len = 512
 dtype = "bfloat16"
 enforce_eager = true
 kv_cache_memory_bytes = 268435456
+
+[models.tiny-mix]
+model = "{tiny}"
+max_model_len = 512
+dtype = "bfloat16"
+enforce_eager = true
+kv_cache_memory_bytes = 268435456
+max_num_seqs = 256
+tool_call_parser = "hermes"
+structured_outputs_config = {{ backend = "xgrammar", disable_any_whitespace = true }}
 """
 
 

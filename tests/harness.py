@@ -257,3 +257,81 @@ def drop_queue(redis_client: Any, queue: str) -> None:
     from producer.naming import wake_key
 
     redis_client.delete(*step_lists(queue), wake_key(queue))
+
+
+#: The key the tests' vLLM servers require, and the variable a remote engine reads it from.
+SERVER_KEY = "sk-test-server"
+SERVER_KEY_ENV = "FLEET_TEST_SERVER_KEY"
+
+
+@dataclass
+class VllmServer:
+    """vLLM's own OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``)
+    on the tiny model, on a loopback port, with the key SERVER_KEY; stopped and started again
+    on the same port by the tests of remote engines."""
+
+    model_dir: Path
+    port: int
+    log_path: Path
+    served_name: str = "tiny"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(self.model_dir), "--served-model-name", self.served_name,
+                "--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager",
+                "--kv-cache-memory-bytes", str(256 * 2**20), "--max-num-seqs", "256",
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                # Random weights favour whitespace: without this, constrained JSON never ends.
+                "--structured-outputs-config",
+                '{"backend": "xgrammar", "disable_any_whitespace": true}',
+                "--api-key", SERVER_KEY, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, timeout: float = 240.0) -> None:
+        """Start it and return once it serves the model."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: stopping it stops it all
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv(), env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        wait_until(self.serving, timeout, f"the vLLM server on port {self.port}", 0.5)
+
+    def serving(self) -> bool:
+        import json
+        import urllib.request
+
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited {self.process.returncode}:\n"
+                               f"{self.log()[-4000:]}")
+        request = urllib.request.Request(self.base_url + "/models",
+                                         headers={"Authorization": f"Bearer {SERVER_KEY}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                return self.served_name in {m["id"] for m in json.load(r)["data"]}
+        except OSError:
+            return False
+
+    def metric(self, name: str) -> float:
+        """One gauge of the server's Prometheus /metrics (summed over its labels)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

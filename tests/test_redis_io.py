@@ -188,6 +188,31 @@ def test_a_backlog_is_taken_in_one_round_trip_and_recorded_as_unacked(
         redis_client.delete(queue)
 
 
+def test_a_queue_consumed_without_acks_leaves_no_unacked_record(
+    app: Any, redis_client: Any
+) -> None:
+    """A reply queue (Celery's remote-control replies) is consumed with no_ack: nothing would
+    ever acknowledge a record of its messages, and the visibility sweep would deliver them
+    again, for ever, to a caller still collecting replies."""
+    queue = _queue_with(redis_client, app, [{"n": i} for i in range(3)])
+    conn = Connection(app.conf.broker_url, transport="producer.transport:Transport")
+    got: list[Any] = []
+    consumer = conn.Consumer([conn.SimpleQueue(queue).queue], no_ack=True, accept=["json"],
+                             callbacks=[lambda body, message: got.append(body)])
+    consumer.consume()
+    channel = consumer.channel
+    try:
+        before = set(redis_client.hkeys(channel.unacked_key))
+        conn.drain_events(timeout=2)
+        assert [body["n"] for body in got] == [0, 1, 2]
+        assert set(redis_client.hkeys(channel.unacked_key)) == before
+        consumer.cancel()  # consumed again with acks, its messages are recorded again
+        assert queue not in channel._no_ack
+    finally:
+        conn.release()
+        redis_client.delete(queue)
+
+
 def test_a_malformed_message_in_a_backlog_fails_alone(app: Any, redis_client: Any) -> None:
     bad = b"{not json " + uuid.uuid4().hex.encode()
     bodies: list[Any] = [{"n": 0}, {"n": 1}, bad, {"n": 2}]

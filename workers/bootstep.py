@@ -35,11 +35,15 @@ from workers.idle import IdleUnloader
 from workers.lease import Lease
 from workers.outbox import Outbox
 from workers.pinning import check_gpu_choice, cuda_build, host_gpus, parse_gpus, pin_gpus
-from workers.runtime import Runtime
+from workers.runtime import EngineState, Runtime
 from workers.streams import StreamWriter
 from workers.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+#: Engine states in which the worker does not consume its model queue.
+NOT_CONSUMING = frozenset({EngineState.UNREACHABLE, EngineState.DRAINING, EngineState.FAILED,
+                           EngineState.STOPPED})
 
 
 def vllm_environment(multiprocessing: bool, environ: Mapping[str, str]) -> dict[str, str]:
@@ -96,19 +100,23 @@ class EngineStep(bootsteps.StartStopStep):
         self.lease: Lease | None = None
         self.streams: StreamWriter | None = None
         self._consumer_ready = threading.Event()
+        self._loaded = False  # set on the consumer's thread once the first load has ended
 
     def create(self, worker: Any) -> None:
         """Build the runtime and its collaborators, and give them to the worker: the consumer
         (micro-batches), the fleet tasks' bodies and the remote-control commands."""
         assert self.model is not None
         refuse_forking_pool(worker.pool_cls)
-        gpu_ids = choose_gpus(self.gpus)
-        request_amx()
         settings = get_settings()
+        config = settings.model(self.model)
+        gpu_ids: list[str] = []
+        if config.engine != "openai":  # a remote engine's server holds the devices
+            gpu_ids = choose_gpus(self.gpus)
+            request_amx()
         # vLLM reads these when it is first imported, which happens later, on the loader thread.
         os.environ.update(vllm_environment(settings.engine_multiprocessing, os.environ))
-        config = settings.model(self.model)
-        if self.model == TINY_MODEL_ID and config.model == str(settings.tiny_model_dir()):
+        if (self.model == TINY_MODEL_ID and config.engine == "vllm"
+                and config.model == str(settings.tiny_model_dir())):
             ensure_tiny_model(settings.tiny_model_dir())  # the embedded default builds itself
         deliveries = Deliveries(max_deliveries=settings.max_deliveries,
                                 ttl_s=settings.result_expires)
@@ -123,6 +131,7 @@ class EngineStep(bootsteps.StartStopStep):
             on_failure=lambda reason: self._stop_failed(worker),
             stream_opener=streams.opener,
             log_stats=settings.metrics_port is not None,
+            on_reachable=lambda up: self._sync_consuming(worker),
         )
         metrics = None
         if settings.metrics_port is not None:
@@ -197,22 +206,48 @@ class EngineStep(bootsteps.StartStopStep):
             return
         self._consumer_ready.wait()
         model = self.runtime.model_id
-        queue = naming.model_queue(model)
         consumer = worker.consumer
 
-        def consume() -> None:  # on the consumer's thread, which owns its queues
+        def first() -> None:  # on the consumer's thread, which owns its queues
             # Room for interactive tasks on top of the room for the rest (producer/transport.py).
             consumer.qos.increment_eventually(urgent_extra(consumer.qos.value))
             consumer.qos.update()
-            consumer.add_task_queue(queue)
-            log.info("%s consuming %s", worker.hostname, queue)
+            self._loaded = True
+            self._sync(worker)
 
-        consumer.call_soon(consume)
+        consumer.call_soon(first)  # the hub runs what it is given in no set order: one call
         idle_s = self.runtime.config.idle_unload_s
         if idle_s:
             self.unloader = IdleUnloader(self.runtime, idle_s,
                                          lambda: queue_depths({model})[model])
             self.unloader.start()
+
+    def _sync_consuming(self, worker: Any) -> None:
+        """Consume the model queue while the engine can serve it (:meth:`_sync`), on the
+        consumer's thread; called from any thread at each change of a remote engine's server."""
+        if self._consumer_ready.is_set():
+            try:
+                worker.consumer.call_soon(lambda: self._sync(worker))
+            except Exception:
+                log.exception("could not sync consuming the model queue")
+
+    def _sync(self, worker: Any) -> None:
+        """From the end of the first load on, consume the model queue unless a remote engine's
+        server is unreachable (then until it is back), or the engine is draining, failed or
+        stopped. On the consumer's thread, which owns its queues."""
+        runtime, consumer = self.runtime, worker.consumer
+        if not self._loaded or runtime is None:
+            return  # the loader's own call, after the first load, follows
+        queue = naming.model_queue(runtime.model_id)
+        want = runtime.state not in NOT_CONSUMING
+        consuming = consumer.task_consumer.consuming_from(queue)
+        if want and not consuming:
+            consumer.add_task_queue(queue)
+            log.info("%s consuming %s", worker.hostname, queue)
+        elif consuming and not want:
+            consumer.cancel_task_queue(queue)
+            log.warning("%s stopped consuming %s: engine %s", worker.hostname, queue,
+                        runtime.state)
 
     def _on_consumer_ready(self, **_: Any) -> None:
         self._consumer_ready.set()

@@ -37,7 +37,7 @@ from celery.exceptions import TaskRevokedError
 from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 
-from producer.errors import EngineFailed, FleetError
+from producer.errors import EngineFailed, EngineUnreachable, FleetError
 from producer.tasks import short_repr
 from workers.delivery import AlreadyDone, Deliveries
 from workers.job import Job
@@ -185,7 +185,8 @@ class Outbox(threading.Thread):
         except (Revoked, TaskRevokedError) as e:
             return states.REVOKED, TaskRevokedError(str(e)), None
         except EngineFailed as e:
-            if self.runtime.failed:
+            # The engine is gone, or a remote engine's server is: another engine serves it.
+            if self.runtime.failed or isinstance(e, EngineUnreachable):
                 return None, None, None
             return states.FAILURE, e, None
         except FleetError as e:

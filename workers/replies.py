@@ -88,11 +88,38 @@ def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
     if (reply is not None and reply.tool_choice == "auto" and "skip_special_tokens" not in sampling
             and reader_for(config).keeps_special_tokens(reply.tools, "auto")):
         sampling = {**sampling, "skip_special_tokens": False}  # as vLLM's server does
+    fields = api_fields(request, reply)
     if isinstance(request, ChatRequest):
         messages = [m.model_dump() for m in request.messages]
         tools = list(reply.tools) if reply is not None and reply.tools else None
-        return EngineRequest(request_id, sampling, messages=messages, tools=tools), reply
-    return EngineRequest(request_id, sampling, prompt=request.prompt), reply
+        return EngineRequest(request_id, sampling, messages=messages, tools=tools,
+                             api_fields=fields), reply
+    return EngineRequest(request_id, sampling, prompt=request.prompt, api_fields=fields), reply
+
+
+def api_fields(request: GenerateRequest | ChatRequest, reply: Reply | None
+               ) -> dict[str, Any] | None:
+    """The reply's form in OpenAI's fields, for a server that applies it itself (an ``openai``
+    engine): ``tool_choice`` auto or none goes as it is (the server's parser reads auto calls);
+    a forced call is generated as on the fleet's own engines, JSON constrained to the arguments
+    (or to the list of calls) through ``response_format``, and read back by the fleet."""
+    if reply is None:
+        return None
+    fields: dict[str, Any] = {}
+    forced = reply.tool_choice in ("function", "required")
+    if reply.tools:
+        fields["tool_choice"] = "none" if forced else reply.tool_choice
+        if not reply.parallel and not forced:
+            fields["parallel_tool_calls"] = False
+    constraint = reply.constraint()
+    fmt = request.json_format()
+    if not forced and fmt is not None:  # the request's own response_format, as it gave it
+        fields["response_format"] = fmt.model_dump(mode="json", by_alias=True,
+                                                   exclude_none=True)
+    elif constraint is not None:
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": reply.function or "tool_calls", "schema": constraint["json"]}}
+    return fields or None
 
 
 def required_schema(tools: tuple[dict[str, Any], ...], *, parallel: bool) -> dict[str, Any]:
@@ -125,7 +152,11 @@ def finish(completion: dict[str, Any], out: EngineOutput, request_id: str,
         return completion
     if reply.json_format is not None:
         completion["parsed"] = _json_or_none(out.text)
-    calls, content = read_calls(reply, out.text, config)
+    if out.tool_calls:  # the server's own parser read them (an openai engine)
+        offered = {tool["function"]["name"] for tool in reply.tools}
+        calls, content = [c for c in out.tool_calls if c.name in offered], out.text
+    else:
+        calls, content = read_calls(reply, out.text, config)
     if calls:
         if not reply.parallel:
             calls = calls[:1]

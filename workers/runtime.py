@@ -20,7 +20,7 @@ from typing import Any
 
 from celery.exceptions import Ignore, Reject
 
-from producer.errors import EngineFailed, NoEngine, UnknownModel
+from producer.errors import EngineFailed, EngineUnreachable, NoEngine, UnknownModel
 from producer.schema import (
     ChatRequest,
     GenerateRequest,
@@ -50,6 +50,9 @@ class EngineState(StrEnum):
     # Released after idle_unload_s (closed, or asleep: see ModelConfig.idle_mode); the next
     # task brings it back.
     IDLE_UNLOADED = "idle-unloaded"
+    # A remote engine whose server does not answer (or refuses the worker's key): the worker
+    # does not consume until it answers again.
+    UNREACHABLE = "unreachable"
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -63,6 +66,7 @@ class Runtime:
         on_failure: Callable[[str], None] = lambda reason: None,
         stream_opener: Callable[[str], Callable[[str], None]] | None = None,
         log_stats: bool = False,
+        on_reachable: Callable[[bool], None] = lambda up: None,
     ) -> None:
         self.model_id = model_id
         self.engine_id = engine_id
@@ -88,6 +92,12 @@ class Runtime:
         #: Tasks this worker ended with an error (counted by its outbox).
         self.tasks_failed = 0
         self.revokes = RevokeWatcher()
+        #: Called when a remote engine's server becomes reachable (True: consume the model
+        #: queue) or not (False: stop consuming), after the first load.
+        self.on_reachable = on_reachable
+        #: Why a remote engine's server is unreachable ("" while it answers).
+        self.unreachable_reason = ""
+        self._reachable = True
         self.engine: Engine = self._build()
         self._ready = threading.Event()
         self._lock = threading.Lock()  # state and requests in flight
@@ -96,7 +106,22 @@ class Runtime:
 
     def _build(self) -> Engine:
         return build_engine(self.model_id, self.config, tensor_parallel_size=self._tp,
-                            on_death=self._engine_died, log_stats=self.log_stats)
+                            on_death=self._engine_died, log_stats=self.log_stats,
+                            on_reachable=self._reachability)
+
+    def _reachability(self, up: bool, reason: str) -> None:
+        """A remote engine's server became reachable or not (on the engine's thread)."""
+        with self._lock:
+            self._reachable, self.unreachable_reason = up, reason
+            if up and self.state == EngineState.UNREACHABLE:
+                self.state = EngineState.READY
+                self._ready.set()
+            elif not up and self.state == EngineState.READY:
+                self.state = EngineState.UNREACHABLE
+                self._ready.clear()
+            else:
+                return
+        self.on_reachable(up)
 
     def _engine_died(self, error: BaseException) -> None:
         self.fail(f"engine died: {error!r}")
@@ -130,11 +155,21 @@ class Runtime:
         else:
             self.engine.start()
         warm = EngineRequest("warmup", {"max_tokens": 1, "temperature": 0.0}, prompt="warm up")
-        self.engine.submit([warm])[0].result(timeout=WARMUP_TIMEOUT_S)
+        try:
+            if self._reachable:
+                self.engine.submit([warm])[0].result(timeout=WARMUP_TIMEOUT_S)
+        except EngineUnreachable:
+            pass  # a remote engine's server went away meanwhile: it says when it is back
         self.loads += 1
         self.last_active = time.monotonic()
-        self.state = EngineState.READY
-        self._ready.set()
+        with self._lock:
+            if not self._reachable:
+                self.state = EngineState.UNREACHABLE
+                log.warning("engine %s (%s) waits for its server: %s", self.engine_id,
+                            self.model_id, self.unreachable_reason)
+                return
+            self.state = EngineState.READY
+            self._ready.set()
         log.info("engine %s (%s) ready in %.1fs", self.engine_id, self.model_id,
                  time.monotonic() - t0)
 
@@ -162,6 +197,9 @@ class Runtime:
                 self._reload()
             elif self.failed:
                 raise EngineFailed(f"engine {self.engine_id!r} failed; its worker is stopping")
+            elif self.state == EngineState.UNREACHABLE:
+                raise EngineUnreachable(f"engine {self.engine_id!r} unreachable: "
+                                        f"{self.unreachable_reason}")
             elif not self.wait_ready(timeout=WARMUP_TIMEOUT_S):
                 raise NoEngine(f"engine {self.engine_id!r} did not become ready")
         except BaseException:
@@ -260,7 +298,7 @@ class Runtime:
             task.backend.mark_as_revoked(task.request.id, reason=str(e), request=task.request)
             raise Ignore() from e
         except EngineFailed as e:
-            if not self.failed:
+            if not (self.failed or isinstance(e, EngineUnreachable)):
                 raise
             if self.deliveries is not None:
                 self.deliveries.release(task.request.id, task.backend)
@@ -275,6 +313,9 @@ class Runtime:
             "aliases": list(self.config.served_model_name),
             "engine": self.config.engine,
             "state": self.state,
+            # Why the state is not ready, where the engine knows (a remote engine's server).
+            "reason": self.unreachable_reason or None,
+            "base_url": self.config.base_url,
             "gpus": self.gpus,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "uptime_s": round(time.time() - self.started_at, 3),

@@ -119,8 +119,10 @@ def _reader(parser_name: str | None, tokenizer: str | None, trust_remote_code: b
 
 
 def reader_for(config: ModelConfig) -> ToolCallReader:
-    """The (cached) reader of a model's tool calls."""
-    return _reader(config.tool_call_parser, config.tokenizer or config.model,
+    """The (cached) reader of a model's tool calls. An ``openai`` engine's server parses with its
+    own parser: what it leaves as text is read with the fallback forms only."""
+    parser = None if config.engine == "openai" else config.tool_call_parser
+    return _reader(parser, config.tokenizer or config.model,
                    config.trust_remote_code)
 
 

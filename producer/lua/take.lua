@@ -3,7 +3,9 @@
 -- key] (KEYS[1]) and delivery time ARGV[2] in the unacked index (KEYS[2]). KEYS[3] is the
 -- wake list of the worker's model queue, KEYS[4..] the queue lists in the order they are
 -- served: the first ARGV[3] of them hold the soonest priority step, and from the others at
--- most ARGV[4] messages are taken (the room kept for the soonest step). Returns {queue number,
+-- most ARGV[4] messages are taken (the room kept for the soonest step). ARGV[5..] say for each
+-- queue list whether its messages are recorded ('1'; '0': a queue consumed without
+-- acknowledgements, whose record nothing would ever drop). Returns {queue number,
 -- tag, message}... A message without a readable delivery tag is returned unrecorded (tag ''),
 -- for the worker to refuse. The wake list is left holding one entry while any list holds
 -- messages, and removed once all are empty, so a worker waiting on it wakes exactly when
@@ -23,7 +25,9 @@ for i = first, #KEYS do
       for _, item in ipairs(items) do
         local tag = ''
         local ok, m = pcall(cjson.decode, item)
-        if ok and type(m) == 'table' and type(m.properties) == 'table'
+        if ARGV[5 + i - first] ~= '1' then
+          tag = ''
+        elseif ok and type(m) == 'table' and type(m.properties) == 'table'
             and type(m.properties.delivery_tag) == 'string' then
           tag = m.properties.delivery_tag
           local info = m.properties.delivery_info

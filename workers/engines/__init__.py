@@ -1,4 +1,5 @@
-"""Engines a worker can hold: ``vllm`` (the real one), ``fake`` (benchmarks, unit tests)."""
+"""Engines a worker can hold: ``vllm`` (resident in the worker), ``openai`` (a remote
+OpenAI-compatible server), ``fake`` (benchmarks, unit tests)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,24 @@ def build_engine(
     tensor_parallel_size: int,
     on_death: Callable[[BaseException], None] | None = None,
     log_stats: bool = False,
+    on_reachable: Callable[[bool, str], None] | None = None,
 ) -> Engine:
     """The engine named by the model's config (not started yet).
 
     ``on_death`` is called on the engine's own thread when a started engine dies, before the
     requests it held are failed. ``log_stats``: the engine records its own metrics (vLLM's
-    Prometheus metrics) for the worker's ``/metrics``.
+    Prometheus metrics) for the worker's ``/metrics``. ``on_reachable``: a remote engine
+    reports each time its server becomes reachable or not, with the reason.
     """
     if config.engine == "fake":
         from workers.engines.fake import FakeEngine
 
         length = config.max_model_len
         return FakeEngine(length if length is not None and length > 0 else 4096)
+    if config.engine == "openai":
+        from workers.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(model_id, config, on_reachable=on_reachable)
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(model_id, config, tensor_parallel_size=tensor_parallel_size,

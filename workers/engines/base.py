@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from producer.schema import PRIORITY_LEVELS
+from workers.toolcalls import Call
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,11 @@ class EngineRequest:
     #: Lower is sooner (``producer.schema.PRIORITY_LEVELS``): the engine schedules waiting
     #: requests in this order.
     priority: int = PRIORITY_LEVELS["default"]
+    #: OpenAI's fields for the form of the reply as the request gave them (``tool_choice``,
+    #: ``parallel_tool_calls``, ``response_format``): what an OpenAI-compatible server is sent
+    #: in place of the structured-output constraint in ``sampling``, which the engine in the
+    #: worker applies itself.
+    api_fields: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,9 @@ class EngineOutput:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[dict[str, Any]] | None = None  # when the request asked for them
+    #: The tool calls an OpenAI-compatible server's own parser found in the text (None: the
+    #: fleet reads the text itself, workers/replies.py).
+    tool_calls: list[Call] | None = None
 
 
 @dataclass(slots=True)
