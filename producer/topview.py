@@ -18,7 +18,7 @@ from producer.top import Poller, QueueView, Rates, Snapshot
 NONE = "-"
 STATE_STYLES = {"ready": "green", "idle-unloaded": "cyan", "loading": "yellow",
                 "unloading": "yellow", "draining": "yellow", "failed": "bold red",
-                "stopped": "red"}
+                "unreachable": "red", "stopped": "red"}
 QUIT_KEYS = frozenset("qQ")
 
 
