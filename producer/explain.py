@@ -57,7 +57,8 @@ def describe(schema: type[BaseModel], error: ValidationError) -> str:
 def segment(schema: type[BaseModel], error: ErrorDetails) -> str:
     """``field: what (got ...)`` for one error of validating ``schema``."""
     loc = error["loc"]
-    if loc and loc[-1] == "[key]":  # the key of a dict is bad, not its value
+    # The key of a dict is bad, not its value (an unknown field may be named "[key]" itself).
+    if loc and loc[-1] == "[key]" and error["type"] != "extra_forbidden":
         loc = loc[:-1]
     field = ".".join(str(part) for part in loc) or "(request)"
     what = error["msg"].removeprefix(VALUE_ERROR)

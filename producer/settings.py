@@ -24,6 +24,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -72,9 +73,6 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    model: str = ""
-    """Local directory or hub id of the weights (hub ids need the weights in the local cache).
-    Required for engine ``vllm``; not used by engine ``openai``."""
     served_model_name: list[ModelId] = Field(default_factory=list)
     """Other names the model answers to besides its id (vLLM's ``--served-model-name``); the
     gateway and ``/v1/models`` list them."""
@@ -86,6 +84,9 @@ class ModelConfig(BaseModel):
     requests to (``base_url``, ``api_key_env``, ``remote_model``, ``max_in_flight``,
     ``request_timeout_s``; the engine settings below are the server's business and are not
     used). ``fake``: the deterministic stand-in (queue benchmarks only)."""
+    model: str | None = Field(default=None, validate_default=True)
+    """Local directory or hub id of the weights (hub ids need the weights in the local cache).
+    Required for engines ``vllm`` and ``fake``; not used by engine ``openai``."""
     base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
     """Engine ``openai``: the server's API root, with its ``/v1`` (``http://gpu-box:8000/v1``)."""
     api_key_env: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = (
@@ -152,15 +153,27 @@ class ModelConfig(BaseModel):
     defaults: Sampling = Field(default_factory=Sampling)
     """Sampling defaults of this model for the knobs a request leaves unset."""
 
+    @property
+    def weights(self) -> str:
+        """``model``, which the config's check makes present for the engines that load it."""
+        if self.model is None:
+            raise ConfigError(f"{INVALID}model: an engine {self.engine!r} model has no weights")
+        return self.model
+
+    @field_validator("model")
+    @classmethod
+    def _weights_named(cls, value: str | None, info: ValidationInfo) -> str | None:
+        engine = info.data.get("engine", "vllm")
+        if not value and engine != "openai":
+            raise ValueError(f"required for engine {engine!r} (the weights' directory or hub "
+                             f"id)")
+        return value
+
     @model_validator(mode="after")
-    def _engine_needs(self) -> ModelConfig:
-        if self.engine == "openai":
-            if self.base_url is None:
-                raise ValueError("base_url: required for engine 'openai' (the server's API "
-                                 "root, e.g. http://gpu-box:8000/v1)")
-        elif not self.model:
-            raise ValueError(f"model: required for engine {self.engine!r} (the weights' "
-                             f"directory or hub id)")
+    def _server_named(self) -> ModelConfig:
+        if self.engine == "openai" and self.base_url is None:
+            raise ValueError("base_url: required for engine 'openai' (the server's API root, "
+                             "e.g. http://gpu-box:8000/v1)")
         return self
 
     @field_validator("max_model_len")

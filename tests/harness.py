@@ -186,6 +186,17 @@ def result_of(handle: Any, redis_client: Any, timeout: float) -> Any:
             f"{redis_client.get(f'fleet.deliveries.{handle.id}')!r}") from None
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 GATEWAY_KEY = "sk-test-gateway"
 
 
@@ -201,13 +212,7 @@ class GatewayProc:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_gateway(env: dict[str, str], logdir: Path, name: str = "gateway") -> GatewayProc:
@@ -328,10 +333,5 @@ class VllmServer:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)

@@ -81,7 +81,7 @@ BAD_CONFIGS = [
     (GOOD_MODEL + '[models.qwen]\nmodel = "/w"\nmax_model_length = 4096\n', {},
      ["{config}: models.qwen.max_model_length: unknown field, did you mean max_model_len?"]),
     (GOOD_MODEL + '[models.qwen.defaults]\ntemperature = nan\n', {},
-     ["{config}: models.qwen.model: Field required",
+     ["{config}: models.qwen.model: required for engine 'vllm'",
       "{config}: models.qwen.defaults.temperature: Input should be a finite number"]),
     ('visibility_timeout = 0\n' + GOOD_MODEL, {"FLEET_MAX_DELIVERIES": "many"},
      ["{config}: visibility_timeout: Input should be greater than or equal to 1",

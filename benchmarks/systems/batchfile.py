@@ -69,7 +69,7 @@ def run_batch_argv(source: Path, out: Path) -> list[str]:
 
     cfg = get_settings().model("tiny")
     return [sys.executable, "-m", "vllm.entrypoints.launchers.run_batch", "-i", str(source),
-            "-o", str(out), "--model", cfg.model, "--served-model-name", "tiny",
+            "-o", str(out), "--model", cfg.weights, "--served-model-name", "tiny",
             "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len), "--enforce-eager",
             "--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes),
             "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(cfg.seed),

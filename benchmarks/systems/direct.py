@@ -37,7 +37,7 @@ def main() -> None:
 
     cfg = get_settings().model(os.environ.get("BENCH_MODEL", "tiny"))
     optional: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
-    llm = LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+    llm = LLM(model=cfg.weights, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
               enforce_eager=cfg.enforce_eager, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
               max_num_seqs=cfg.max_num_seqs, seed=cfg.seed, disable_log_stats=True,
               tensor_parallel_size=cfg.tensor_parallel_size or 1,

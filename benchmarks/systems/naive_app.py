@@ -29,7 +29,7 @@ def _load(**_: Any) -> None:
 
     request_amx()
     cfg = get_settings().model("tiny")
-    _llm = LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+    _llm = LLM(model=cfg.weights, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                enforce_eager=True, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                max_num_seqs=cfg.max_num_seqs, seed=cfg.seed)
 

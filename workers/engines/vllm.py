@@ -294,7 +294,7 @@ class VLLMEngine:
             check_sleep_mode()
         self._log_stats_on = self.log_stats or envs.VLLM_ENABLE_V1_MULTIPROCESSING
         args = EngineArgs(
-            model=c.model,
+            model=c.weights,
             enable_sleep_mode=c.idle_mode == "sleep",
             tokenizer=c.tokenizer,
             tensor_parallel_size=self.tensor_parallel_size,
