@@ -55,9 +55,15 @@ def fake_worker(fleet_env: dict[str, str], app: Any,
 
 
 def batch_cli(fleet_env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    # Ctrl-C as a terminal sends it: a test session started in the background (a shell without
+    # job control ignores SIGINT there) would pass the ignoring on, and Python keeps it.
     return subprocess.Popen([sys.executable, "-m", "producer.cli", "batch", "run", *args],
                             env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_mixed_valid_and_invalid_lines(fake_worker: WorkerProc, tmp_path: Path) -> None:
