@@ -88,7 +88,8 @@ def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
     if (reply is not None and reply.tool_choice == "auto" and "skip_special_tokens" not in sampling
             and reader_for(config).keeps_special_tokens(reply.tools, "auto")):
         sampling = {**sampling, "skip_special_tokens": False}  # as vLLM's server does
-    fields = api_fields(request, reply)
+    # Only a server applies these itself; the engine in the worker has the constraint.
+    fields = api_fields(request, reply, constraint) if config.engine == "openai" else None
     if isinstance(request, ChatRequest):
         messages = [m.model_dump() for m in request.messages]
         tools = list(reply.tools) if reply is not None and reply.tools else None
@@ -97,12 +98,13 @@ def engine_request(request: GenerateRequest | ChatRequest, request_id: str,
     return EngineRequest(request_id, sampling, prompt=request.prompt, api_fields=fields), reply
 
 
-def api_fields(request: GenerateRequest | ChatRequest, reply: Reply | None
-               ) -> dict[str, Any] | None:
+def api_fields(request: GenerateRequest | ChatRequest, reply: Reply | None,
+               constraint: dict[str, Any] | None) -> dict[str, Any] | None:
     """The reply's form in OpenAI's fields, for a server that applies it itself (an ``openai``
     engine): ``tool_choice`` auto or none goes as it is (the server's parser reads auto calls);
     a forced call is generated as on the fleet's own engines, JSON constrained to the arguments
-    (or to the list of calls) through ``response_format``, and read back by the fleet."""
+    (or to the list of calls) through ``response_format``, and read back by the fleet.
+    ``constraint``: the reply's own (``Reply.constraint``)."""
     if reply is None:
         return None
     fields: dict[str, Any] = {}
@@ -111,7 +113,6 @@ def api_fields(request: GenerateRequest | ChatRequest, reply: Reply | None
         fields["tool_choice"] = "none" if forced else reply.tool_choice
         if not reply.parallel and not forced:
             fields["parallel_tool_calls"] = False
-    constraint = reply.constraint()
     fmt = request.json_format()
     if not forced and fmt is not None:  # the request's own response_format, as it gave it
         fields["response_format"] = fmt.model_dump(mode="json", by_alias=True,
