@@ -243,12 +243,12 @@ class OpenAIEngine:
                 log.exception("reachability handler failed")
         if not up:  # what waits here would only fail later: back to the queue now
             for future in self._drop_waiting():
-                future.set_exception(EngineUnreachable(f"engine unreachable: {reason}"))
+                future.set_exception(unreachable(reason))
 
     def _admit(self, items: list[tuple[EngineRequest, Future[EngineOutput]]]) -> None:
         for request, future in items:
             if not self.reachable:
-                future.set_exception(EngineUnreachable(f"engine unreachable: {self.reason}"))
+                future.set_exception(unreachable(self.reason))
                 continue
             heapq.heappush(self._waiting, (request.priority, next(self._order), request, future))
         self._start_waiting()
@@ -286,10 +286,7 @@ class OpenAIEngine:
         except asyncio.CancelledError:
             outcome = EngineOutput("", "abort", 0, 0)
         except EngineUnreachable as e:
-            self._reachability(False, str(e).removeprefix("engine unreachable: "))
-            assert self._check_now is not None
-            self._check_now.set()  # the watcher says when it is back
-            outcome = e
+            outcome = self._lost(e)
         except ServerError as e:  # a server shutting down answers 500 for a while
             outcome = await self._again(request, e)
         except Exception as e:
@@ -305,6 +302,14 @@ class OpenAIEngine:
                 future.set_result(outcome)
         self._start_waiting()
 
+    def _lost(self, error: EngineUnreachable) -> EngineUnreachable:
+        """A request could not reach the server: unreachable now; the watcher checks at once
+        and says when it is back."""
+        self._reachability(False, str(error).removeprefix(UNREACHABLE))
+        assert self._check_now is not None
+        self._check_now.set()
+        return error
+
     async def _again(self, request: EngineRequest, error: ServerError
                      ) -> EngineOutput | Exception:
         """After a 5xx: the request once more, a second later, unless the server stopped
@@ -313,14 +318,13 @@ class OpenAIEngine:
         await asyncio.sleep(RETRY_AFTER_S)
         await self._check()
         if not self.reachable:
-            return EngineUnreachable(f"engine unreachable: {self.reason}")
+            return unreachable(self.reason)
         if request.on_text is not None:
             return error
         try:
             return await self._call(request)
         except EngineUnreachable as e:
-            self._reachability(False, str(e).removeprefix("engine unreachable: "))
-            return e
+            return self._lost(e)
         except asyncio.CancelledError:
             return EngineOutput("", "abort", 0, 0)
         except Exception as e:
@@ -338,15 +342,18 @@ class OpenAIEngine:
                 if response.status != 200:
                     raise _server_error(response.status, await response.text(), self.base_url)
                 if request.on_text is not None:
-                    return await _read_stream(response, request.on_text, chat=chat)
-                return read_output(await response.json(content_type=None), chat=chat)
+                    output = await _read_stream(response, request.on_text, chat=chat)
+                else:
+                    output = read_output(await response.json(content_type=None), chat=chat)
         except TimeoutError:
             raise EngineFailed(f"{self.base_url} did not answer within "
                                f"{self.config.request_timeout_s:g}s (request_timeout_s)"
                                ) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
-            raise EngineUnreachable(f"engine unreachable: {self.base_url}: {_describe(e)}"
-                                    ) from None
+            raise unreachable(f"{self.base_url}: {_describe(e)}") from None
+        if output.finish_reason == "abort":  # not ours (a revoke cancels): a server stopping
+            raise ServerError(f"{self.base_url} aborted the request")
+        return output
 
     async def _snapshot(self) -> EngineStats:
         stats = EngineStats(**{k: getattr(self._stats, k) for k in EngineStats.__slots__})
@@ -492,12 +499,20 @@ def _server_error(status: int, text: str, base_url: str) -> Exception:
         message = text
     message = " ".join(str(message).split())[:2000]
     if status in (401, 403, 429, 502, 503, 504):  # not this request's fault: back to the queue
-        return EngineUnreachable(f"engine unreachable: {base_url} answered {status}: {message}")
+        return unreachable(f"{base_url} answered {status}: {message}")
     if 400 <= status < 500:
         if "maximum context length" in message or "max_model_len" in message:
             return PromptTooLong(f"prompt: {message}")
         return InvalidRequest(f"server: {message}")
     return ServerError(f"{base_url} answered {status}: {message}")
+
+
+#: How an EngineUnreachable's message opens; the reason follows.
+UNREACHABLE = "engine unreachable: "
+
+
+def unreachable(reason: str) -> EngineUnreachable:
+    return EngineUnreachable(UNREACHABLE + reason)
 
 
 def _timeout(seconds: float) -> Any:
