@@ -231,7 +231,8 @@ def test_server_stopped_and_restarted_loses_nothing(
     wait_until(lambda: consumes(app, remote.node), 30, "the worker to consume again", 0.2)
     results = [result_of(AsyncResult(i, app=app), redis_client, TIMEOUT) for i in ids]
     assert len(results) == 240
-    assert all(r["completion_tokens"] == 32 and r["engine_id"] == "r1" for r in results)
+    wrong = [r for r in results if r["completion_tokens"] != 32 or r["engine_id"] != "r1"]
+    assert not wrong, wrong[:3]
     assert list_engines(MODEL)[0]["state"] == "ready"
 
 
