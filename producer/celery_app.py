@@ -24,6 +24,12 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         # visibility_timeout plus one sweep.
         "unacked_restore_interval": restore_interval(settings.visibility_timeout),
         "unacked_restore_throttle": 1,
+        # A sweep holds a Redis lock so that two workers do not sweep at once. A worker killed
+        # inside its sweep leaves the lock until it expires, and until then no worker sweeps:
+        # kombu's 300 s would hold every dead worker's tasks that long. Sweeps take
+        # milliseconds and each message's restore is a transaction of its own (WATCH), so two
+        # sweeps overlapping after a short expiry only repeat a look.
+        "unacked_mutex_expire": sweep_lock_expiry(settings.visibility_timeout),
     }
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -98,6 +104,11 @@ def _tls_without_options(url: str) -> bool:
 def restore_interval(visibility_timeout: int) -> int:
     """Seconds between two sweeps for the unacknowledged tasks of dead workers."""
     return max(1, min(10, visibility_timeout // 4))
+
+
+def sweep_lock_expiry(visibility_timeout: int) -> int:
+    """Seconds the sweep's lock outlives a worker killed while holding it."""
+    return 3 * restore_interval(visibility_timeout) + 2
 
 
 class AMQP(CeleryAMQP):

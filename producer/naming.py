@@ -36,6 +36,9 @@ ENGINE_STATUS_TASK = "fleet.engine_status"
 #: Message header with the time (Unix seconds) a fleet producer sent the task: a worker's
 #: ``fleet_task_queue_seconds`` is measured from it.
 SENT_AT_HEADER = "fleet_sent_at"
+#: Header of a message a worker gave back unrun when it closed its channel (kombu requeues what
+#: it took and never acknowledged): delivered again, but not a delivery lost with a worker.
+GIVEN_BACK_HEADER = "fleet_given_back"
 #: Every task a fleet worker runs; a message naming any other (Celery's built-ins included) is
 #: refused, whatever queue it came on.
 FLEET_TASKS = frozenset({GENERATE_TASK, CHAT_TASK, GENERATE_MANY_TASK, CHAT_MANY_TASK,
@@ -54,9 +57,10 @@ STREAM_PREFIX = "fleet.stream."
 WAKE_PREFIX = "fleet.wake."
 #: Kombu's Redis transport's own keys for delivered, unacknowledged messages (its defaults,
 #: which the fleet keeps): a hash tag -> [message, exchange, routing key], and their delivery
-#: times in a sorted set.
+#: times in a sorted set; and the lock a worker holds while it sweeps them.
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
+UNACKED_MUTEX_KEY = "unacked_mutex"
 
 _PLAIN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 # Engine ids end up in node names (<engine_id>@<host>), where only plain characters are safe.

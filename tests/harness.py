@@ -180,10 +180,15 @@ def result_of(handle: Any, redis_client: Any, timeout: float) -> Any:
         waiting = [key for key in redis_client.scan_iter(match="fleet.model.*")
                   if redis_client.type(key) == b"list"
                   and any(handle.id.encode() in m for m in redis_client.lrange(key, 0, -1))]
+        ages = [round(time.time() - score, 1) if score is not None else None
+                for score in (redis_client.zscore(naming.UNACKED_INDEX_KEY, t) for t in held)]
         raise AssertionError(
             f"no result for {handle.id} after {timeout:.0f}s: stored result {stored!r}; "
-            f"unacknowledged delivery tags {held}; queued in {waiting}; deliveries counted "
-            f"{redis_client.get(f'fleet.deliveries.{handle.id}')!r}") from None
+            f"unacknowledged delivery tags {held} (delivered {ages} s ago; sweep lock "
+            f"{redis_client.get(naming.UNACKED_MUTEX_KEY)!r}, expiring in "
+            f"{redis_client.ttl(naming.UNACKED_MUTEX_KEY)} s); queued in {waiting}; "
+            f"deliveries counted {redis_client.get(f'fleet.deliveries.{handle.id}')!r}"
+        ) from None
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -20,7 +20,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer import DeadLettered, generate, generate_many
+from producer import DeadLettered, generate, generate_many, naming
+from producer.celery_app import sweep_lock_expiry
 from tests.conftest import MAX_DELIVERIES, VISIBILITY_TIMEOUT
 from tests.harness import (
     PROBE,
@@ -92,6 +93,10 @@ def test_sigkill_mid_batch_loses_nothing(faults: FaultFleet, redis_client: Any) 
     before = {h.id: h.get(timeout=5) for h in handles if h.ready()}
     added = engine_probe(faults.app, killed.node)["added"]
     t_kill = time.monotonic()
+    # Killed inside a sweep for dead workers' tasks: its lock stays until it expires, and no
+    # worker sweeps meanwhile. Recovery must not wait kombu's default 300 s for it.
+    redis_client.set(naming.UNACKED_MUTEX_KEY, "killed-mid-sweep",
+                     ex=sweep_lock_expiry(VISIBILITY_TIMEOUT))
     faults.kill()
     held = [h for h in handles if not h.ready() and h.id in added]
     assert held, "no task was in the engine when the worker died: nothing was tested"
