@@ -58,7 +58,7 @@ from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
-from producer.naming import MALFORMED_QUEUE, MODEL_QUEUE_PREFIX, wake_key
+from producer.naming import GIVEN_BACK_HEADER, MALFORMED_QUEUE, MODEL_QUEUE_PREFIX, wake_key
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,15 @@ TAKE_SHA = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()  # what Redis names it
 class QoS(kombu_redis.QoS):
     """Kombu's Redis QoS, skipping the unacked write for messages the take already recorded."""
 
+    def restore_unacked(self, client: Any = None) -> Any:
+        """At the channel's close: what this worker took and never acknowledged goes back,
+        marked as given back (see :meth:`Channel._do_restore_message`)."""
+        self.channel.giving_back = True
+        try:
+            return super().restore_unacked(client)
+        finally:
+            self.channel.giving_back = False
+
     def append(self, message: Any, delivery_tag: str) -> None:
         recorded = self.channel.recorded
         if delivery_tag in recorded:
@@ -154,6 +163,7 @@ class Channel(kombu_redis.Channel):
     _stream = False  # the last take found more than one message
     _take_due: Any = None  # the timer of a take scheduled after TAKE_WINDOW_S
     _full_wait = False  # the wait is on the soonest step only: the room for later ones is full
+    giving_back = False  # restoring at close what this worker took and never acknowledged
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -278,7 +288,17 @@ class Channel(kombu_redis.Channel):
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
         """A redelivered message goes back to the list of its own priority step (kombu reads
-        the step from the message) and wakes the workers waiting on its queue."""
+        the step from the message) and wakes the workers waiting on its queue.
+
+        It says whether it is given back by a worker closing its channel (a clean stop: taken
+        but never run, not lost with a worker) or swept back from a dead worker or requeued:
+        the worker that takes it next counts only the latter (``workers/delivery.py``)."""
+        headers = payload.get("headers")
+        if isinstance(headers, dict):
+            if self.giving_back:
+                headers[GIVEN_BACK_HEADER] = True
+            else:
+                headers.pop(GIVEN_BACK_HEADER, None)
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         for queue in self._lookup(exchange, routing_key):
             if queue.startswith(MODEL_QUEUE_PREFIX):

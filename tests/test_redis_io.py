@@ -540,3 +540,46 @@ def test_a_restored_message_goes_back_to_its_own_priority_step(
     finally:
         conn.release()
         redis_client.delete(queue, step, transport.wake_key(queue))
+
+
+def test_a_message_given_back_at_a_clean_close_is_not_counted_as_lost(
+    app: Any, redis_client: Any, backend: Any
+) -> None:
+    """A worker that stops cleanly gives back what it took and never ran (kombu requeues it as
+    its channel closes): marked so, the next worker checks it for a stored result without
+    counting it toward the dead-letter limit. Swept back from a dead worker, it counts."""
+    from producer.naming import GIVEN_BACK_HEADER, deliveries_key
+    from workers.delivery import Deliveries
+
+    queue = _queue_with(redis_client, app, [{"n": 1}])
+    task_id = f"given-back-{uuid.uuid4().hex}"
+    deliveries = Deliveries(max_deliveries=1, ttl_s=60)
+
+    def take() -> Any:
+        got: list[Any] = []
+        conn, consumer = _consume(app, queue, 10, lambda body, message: got.append(message))
+        conn.drain_events(timeout=2)
+        return conn, consumer, got[0]
+
+    try:
+        conn, _, message = take()
+        assert GIVEN_BACK_HEADER not in message.headers
+        conn.release()  # closed unacknowledged: given back
+        assert redis_client.llen(queue) == 1
+        conn, consumer, message = take()
+        assert message.headers[GIVEN_BACK_HEADER] is True and message.headers["redelivered"]
+        job = [(task_id, "fleet.generate", {})]
+        # Given back any number of times, never dead-lettered (the limit here is one delivery).
+        assert deliveries.check(backend, job, {task_id}) == [None]
+        assert deliveries.check(backend, job, {task_id}) == [None]
+        assert redis_client.get(deliveries_key(task_id)) is None
+        consumer.channel.qos.restore_by_tag(message.delivery_tag)  # a dead worker's sweep
+        conn.release()
+        conn, _, message = take()
+        assert GIVEN_BACK_HEADER not in message.headers and message.headers["redelivered"]
+        message.ack()
+        conn.release()
+        verdict = deliveries.check(backend, job, set())[0]
+        assert verdict is not None and "dead-lettered" in str(verdict)
+    finally:
+        redis_client.delete(queue, deliveries_key(task_id), "fleet.dead.unknown")

@@ -176,7 +176,8 @@ class Batcher:
             return jobs
         try:
             verdicts = self.deliveries.check(
-                jobs[0].task.backend, [(j.id, j.name, j.kwargs) for j in redelivered])
+                jobs[0].task.backend, [(j.id, j.name, j.kwargs) for j in redelivered],
+                {j.id for j in redelivered if j.given_back})
         except Exception:  # Redis away: run them (results stay idempotent), as a first delivery
             log.warning("could not check redelivered tasks", exc_info=True)
             return jobs

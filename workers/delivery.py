@@ -12,7 +12,9 @@ counts the redelivery and reads the task's stored result (a first delivery skips
   goes to the dead-letter list ``fleet.dead.<model>`` for an operator to inspect or replay.
 
 A task handed back on purpose (its engine died, it is requeued for another worker) gives its
-delivery back with :meth:`Deliveries.release`, so it is not counted as poison.
+delivery back with :meth:`Deliveries.release`, so it is not counted as poison; one a worker
+took and gave back unrun when it stopped cleanly comes back marked so (``GIVEN_BACK_HEADER``,
+``producer/transport.py``) and is checked for a stored result without being counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from celery import states
@@ -27,6 +30,7 @@ from celery.exceptions import Ignore
 
 from producer import naming
 from producer.errors import DeadLettered
+from producer.naming import GIVEN_BACK_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +50,33 @@ class Deliveries:
         """Check a task on Celery's ordinary path; raise if it must not run."""
         if not getattr(task.request, "redelivered", False):
             return
-        verdict = self.check(task.backend, [(task.request.id, task.name, kwargs)])[0]
+        given_back = {task.request.id} if getattr(task.request, GIVEN_BACK_HEADER, False) else set()
+        verdict = self.check(task.backend, [(task.request.id, task.name, kwargs)], given_back)[0]
         if isinstance(verdict, AlreadyDone):
             raise Ignore()
         if verdict is not None:
             raise verdict
 
-    def check(self, backend: Any, redelivered: list[tuple[str, str, dict[str, Any]]]
-              ) -> list[Exception | None]:
+    def check(self, backend: Any, redelivered: list[tuple[str, str, dict[str, Any]]],
+              given_back: Collection[str] = ()) -> list[Exception | None]:
         """Verdicts on redelivered tasks ``(id, name, kwargs)``, in one round trip: None (run
         it), AlreadyDone, or DeadLettered (its copy is then in the dead-letter list).
 
         A first delivery costs nothing: kombu marks every message it puts back on a queue
         (``redelivered`` header), so only those are checked. The counter holds the number of
-        redeliveries.
+        redeliveries; the ids in ``given_back`` (given back unrun by a worker that stopped) are
+        not counted.
         """
         if not redelivered:
             return []
         with backend.client.pipeline(transaction=False) as pipe:
             for task_id, _, _ in redelivered:
                 key = naming.deliveries_key(task_id)
-                pipe.incr(key).expire(key, self.ttl_s).get(backend.get_key_for_task(task_id))
+                if task_id in given_back:
+                    pipe.get(key).ttl(key)  # answers in the same places as incr and expire
+                else:
+                    pipe.incr(key).expire(key, self.ttl_s)
+                pipe.get(backend.get_key_for_task(task_id))
             answers = pipe.execute()
         verdicts: list[Exception | None] = []
         for n, (task_id, name, kwargs) in enumerate(redelivered):
@@ -78,7 +88,7 @@ class Deliveries:
                              status)
                     verdicts.append(AlreadyDone(task_id))
                     continue
-            delivery = 1 + int(redeliveries)
+            delivery = 1 + int(redeliveries or 0)
             if delivery > self.max_deliveries:
                 self._dead_letter(backend, task_id, name, kwargs, delivery)
                 verdicts.append(DeadLettered(

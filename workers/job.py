@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from producer.naming import GIVEN_BACK_HEADER
 from workers.engines import EngineOutput
 
 if TYPE_CHECKING:
@@ -65,6 +66,11 @@ class Job:
         """Kombu put this message back on its queue once at least (a worker lost it)."""
         return bool(self.message.headers.get("redelivered")
                     or self.message.delivery_info.get("redelivered"))
+
+    @property
+    def given_back(self) -> bool:
+        """The worker that held it before stopped cleanly and gave it back unrun."""
+        return bool(self.message.headers.get(GIVEN_BACK_HEADER))
 
     @property
     def delivery_info(self) -> dict[str, Any]:
