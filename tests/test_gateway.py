@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -358,3 +359,27 @@ def test_priority_from_the_body_or_the_key_reaches_the_task(
     finally:
         gw.stop()
         fleet.stop_all()
+
+
+def test_an_engine_that_misses_one_answer_stays_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose reply misses a broadcast's window is kept from its last answer for a
+    while, not dropped (its model would answer 503 until the next refresh); one that stays
+    silent is dropped. The broadcast is replaced by a list of answers here."""
+    import asyncio
+
+    from producer import engines
+    from producer.gateway.models import ModelDirectory
+
+    one = {"engine_id": "e1", "model": "m", "state": "ready"}
+    two = {"engine_id": "e2", "model": "m", "state": "ready"}
+    answers = [[one, two], [two], [two], [two]]
+    monkeypatch.setattr(engines, "list_engines", lambda timeout: answers.pop(0))
+    directory = ModelDirectory(settings=None, refresh_s=0.1)  # type: ignore[arg-type]
+    listed = []
+    for _ in range(4):
+        asyncio.run(directory.refresh())
+        listed.append(sorted(e["engine_id"] for e in directory.live("m")))
+        if answers:
+            time.sleep(0.11)
+    assert listed[:2] == [["e1", "e2"], ["e1", "e2"]]
+    assert listed[-1] == ["e2"]

@@ -32,6 +32,11 @@ class ModelDirectory:
         self.settings = settings
         self.refresh_s = refresh_s
         self.engines: list[dict[str, Any]] = []
+        # An engine whose reply missed one broadcast's window (a busy worker on a loaded
+        # machine) is kept from its last answer for this long, rather than its model turning
+        # unavailable until the next refresh: a request to it only waits on its queue.
+        self.keep_s = 2.5 * refresh_s
+        self._seen: dict[str, float] = {}  # engine id -> monotonic time of its last answer
         self.refreshed = 0.0  # monotonic time of the last answer; 0: never
         self.started = int(time.time())
         self._task: asyncio.Task[None] | None = None
@@ -66,8 +71,14 @@ class ModelDirectory:
             except Exception:
                 log.warning("could not list the engines", exc_info=True)
                 return
-            self.engines = engines
-            self.refreshed = time.monotonic()
+            now = time.monotonic()
+            answered = {engine["engine_id"] for engine in engines}
+            missed = [engine for engine in self.engines if engine["engine_id"] not in answered
+                      and now - self._seen.get(engine["engine_id"], 0.0) < self.keep_s]
+            self._seen = {engine["engine_id"]: now for engine in engines} | {
+                engine["engine_id"]: self._seen[engine["engine_id"]] for engine in missed}
+            self.engines = engines + missed
+            self.refreshed = now
 
     def resolve(self, name: str) -> str:
         """The model id ``name`` stands for (an id or an alias); UnknownModel if none."""

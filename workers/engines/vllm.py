@@ -9,12 +9,14 @@ and checked on its own before it joins: a bad one fails its own future, never th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from copy import copy
 from typing import Any
 
@@ -51,8 +53,10 @@ def _request_error(error: Exception) -> FleetError:
 
 
 #: How long a stats call waits for the engine thread to count requests by priority (it counts
-#: between two steps).
-PRIORITY_COUNT_TIMEOUT_S = 1.0
+#: between two steps). Stats are asked for on the worker's consumer thread (remote control
+#: replies, heartbeats), which must not stall behind a long step: past this wait the last
+#: count stands, and the one asked for lands when the step ends.
+PRIORITY_COUNT_WAIT_S = 0.1
 
 
 def in_process_scheduler(engine: Any) -> Any:
@@ -153,6 +157,7 @@ class VLLMEngine:
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
+        self._by_priority_last: dict[int, list[int]] = {}
         self._engine: Any = None
         self._tokenizer: Any = None
         # Requests inside the engine, by request id.
@@ -207,10 +212,18 @@ class VLLMEngine:
                     one[1] -= 1
             return {p: [r, max(w, 0)] for p, (r, w) in sorted(counts.items())}
 
+        def keep(done: Future[dict[int, list[int]]]) -> None:
+            if done.exception() is None:
+                self._by_priority_last = done.result()
+
         try:
-            return dict(self._on_engine_thread(count).result(PRIORITY_COUNT_TIMEOUT_S))
-        except Exception:  # not loaded, closing, or a long step: no counts this time
+            counted = self._on_engine_thread(count)
+        except EngineFailed:  # not loaded, or closing: nothing inside to count
             return {}
+        counted.add_done_callback(keep)
+        with contextlib.suppress(FutureTimeout):
+            counted.result(PRIORITY_COUNT_WAIT_S)
+        return dict(self._by_priority_last)
 
     def ping(self, timeout: float) -> bool:
         """Answered by the engine thread between two engine steps: a dead or hung engine fails."""
