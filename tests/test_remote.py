@@ -153,7 +153,7 @@ def test_the_servers_refusal_fails_only_its_own_task(remote: WorkerProc) -> None
 
 
 def test_streaming_deltas_come_from_the_servers_stream(remote: WorkerProc) -> None:
-    from producer.client import stream_generate
+    from producer.client import stream_chat, stream_generate
 
     with stream_generate("Once upon a time", model=MODEL, max_tokens=16,
                          temperature=0.0) as text:
@@ -162,6 +162,15 @@ def test_streaming_deltas_come_from_the_servers_stream(remote: WorkerProc) -> No
                            temperature=0.0).get(timeout=TIMEOUT)
     assert len(pieces) > 1 and "".join(pieces) == text.completion.text == whole["text"]
     assert text.completion.completion_tokens == 16
+
+    # Chat's deltas (``delta.content``), with min_tokens so the reply is as long as asked.
+    with stream_chat(ASK, model=MODEL, max_tokens=12, min_tokens=12,
+                     temperature=0.0) as reply:
+        pieces = list(reply)
+    whole = chat.delay(ASK, model=MODEL, max_tokens=12, min_tokens=12,
+                       temperature=0.0).get(timeout=TIMEOUT)
+    assert len(pieces) > 1 and "".join(pieces) == reply.completion.text == whole["text"]
+    assert reply.completion.completion_tokens == 12
 
 
 def test_revoke_cancels_the_request_at_the_server(remote: WorkerProc, server: VllmServer
