@@ -72,15 +72,15 @@ class Deliveries:
         with backend.client.pipeline(transaction=False) as pipe:
             for task_id, _, _ in redelivered:
                 key = naming.deliveries_key(task_id)
-                if task_id in given_back:
-                    pipe.get(key).ttl(key)  # answers in the same places as incr and expire
-                else:
-                    pipe.incr(key).expire(key, self.ttl_s)
-                pipe.get(backend.get_key_for_task(task_id))
+                count = pipe.get if task_id in given_back else pipe.incr
+                count(key).get(backend.get_key_for_task(task_id))
+            for task_id, _, _ in redelivered:  # after the reads: their answers stay in pairs
+                if task_id not in given_back:
+                    pipe.expire(naming.deliveries_key(task_id), self.ttl_s)
             answers = pipe.execute()
         verdicts: list[Exception | None] = []
         for n, (task_id, name, kwargs) in enumerate(redelivered):
-            redeliveries, stored = answers[3 * n], answers[3 * n + 2]
+            redeliveries, stored = answers[2 * n], answers[2 * n + 1]
             if stored is not None:
                 status = backend.decode_result(stored).get("status")
                 if status in states.READY_STATES:

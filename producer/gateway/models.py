@@ -36,7 +36,8 @@ class ModelDirectory:
         # machine) is kept from its last answer for this long, rather than its model turning
         # unavailable until the next refresh: a request to it only waits on its queue.
         self.keep_s = 2.5 * refresh_s
-        self._seen: dict[str, float] = {}  # engine id -> monotonic time of its last answer
+        #: engine id -> (monotonic time of its last answer, that answer)
+        self._seen: dict[str, tuple[float, dict[str, Any]]] = {}
         self.refreshed = 0.0  # monotonic time of the last answer; 0: never
         self.started = int(time.time())
         self._task: asyncio.Task[None] | None = None
@@ -72,12 +73,10 @@ class ModelDirectory:
                 log.warning("could not list the engines", exc_info=True)
                 return
             now = time.monotonic()
-            answered = {engine["engine_id"] for engine in engines}
-            missed = [engine for engine in self.engines if engine["engine_id"] not in answered
-                      and now - self._seen.get(engine["engine_id"], 0.0) < self.keep_s]
-            self._seen = {engine["engine_id"]: now for engine in engines} | {
-                engine["engine_id"]: self._seen[engine["engine_id"]] for engine in missed}
-            self.engines = engines + missed
+            self._seen.update((engine["engine_id"], (now, engine)) for engine in engines)
+            self._seen = {engine_id: seen for engine_id, seen in self._seen.items()
+                          if now - seen[0] < self.keep_s}
+            self.engines = [engine for _, engine in self._seen.values()]
             self.refreshed = now
 
     def resolve(self, name: str) -> str:
