@@ -177,14 +177,21 @@ def test_a_disconnect_aborts_the_engine_request(gateway: GatewayProc, app: Any,
 
 def _shape(value: Any, tokens_as_keys: bool = False) -> Any:
     """Keys and value types, recursively; a list by its first item; the completions logprobs'
-    token -> logprob maps by their value type (their keys are the tokens)."""
+    token -> logprob maps by their value type (their keys are the tokens); a token's UTF-8
+    ``bytes`` as a list of ints even when empty (vLLM sends ``[]`` for a byte-fallback token
+    whose character the next token completes, so sampling decides whether it is empty)."""
     if isinstance(value, dict):
         if tokens_as_keys:
             return {"<token>": sorted({type(v).__name__ for v in value.values()})}
-        return {k: _shape(v, k == "top_logprobs") for k, v in value.items()}
+        return {k: "list[int]" if k == "bytes" and _ints(v) else _shape(v, k == "top_logprobs")
+                for k, v in value.items()}
     if isinstance(value, list):
         return [_shape(value[0], tokens_as_keys)] if value else []
     return type(value).__name__
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) for v in value)
 
 
 # Tool calls are left out: on the tiny model's random weights vLLM's server writes the call as
