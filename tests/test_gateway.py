@@ -364,22 +364,26 @@ def test_priority_from_the_body_or_the_key_reaches_the_task(
 def test_an_engine_that_misses_one_answer_stays_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker whose reply misses a broadcast's window is kept from its last answer for a
     while, not dropped (its model would answer 503 until the next refresh); one that stays
-    silent is dropped. The broadcast is replaced by a list of answers here."""
+    silent is dropped. The broadcast is replaced by a list of answers, the clock by refreshes
+    0.11 s apart."""
     import asyncio
+    import types
 
     from producer import engines
-    from producer.gateway.models import ModelDirectory
+    from producer.gateway import models
 
     one = {"engine_id": "e1", "model": "m", "state": "ready"}
     two = {"engine_id": "e2", "model": "m", "state": "ready"}
     answers = [[one, two], [two], [two], [two]]
     monkeypatch.setattr(engines, "list_engines", lambda timeout: answers.pop(0))
-    directory = ModelDirectory(settings=None, refresh_s=0.1)  # type: ignore[arg-type]
+    clock = [100.0]
+    monkeypatch.setattr(models, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                              time=time.time))
+    directory = models.ModelDirectory(settings=None, refresh_s=0.1)  # type: ignore[arg-type]
     listed = []
     for _ in range(4):
         asyncio.run(directory.refresh())
         listed.append(sorted(e["engine_id"] for e in directory.live("m")))
-        if answers:
-            time.sleep(0.11)
+        clock[0] += 0.11
     assert listed[:2] == [["e1", "e2"], ["e1", "e2"]]
     assert listed[-1] == ["e2"]

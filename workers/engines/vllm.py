@@ -9,14 +9,13 @@ and checked on its own before it joins: a bad one fails its own future, never th
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_for
 from copy import copy
 from typing import Any
 
@@ -221,8 +220,8 @@ class VLLMEngine:
         except EngineFailed:  # not loaded, or closing: nothing inside to count
             return {}
         counted.add_done_callback(keep)
-        with contextlib.suppress(FutureTimeout):
-            counted.result(PRIORITY_COUNT_WAIT_S)
+        # Waits without raising: a count that failed (the engine stopped) leaves the last one.
+        wait_for([counted], PRIORITY_COUNT_WAIT_S)
         return dict(self._by_priority_last)
 
     def ping(self, timeout: float) -> bool:
